@@ -1,0 +1,157 @@
+"""The `cowfs` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from . import __version__, attr, errors
+from .clone import clone as do_clone
+from .daemon import MountOptions
+from .daemon import mount as do_mount
+from .daemon import unmount as do_unmount
+from .idmap import IdMap
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and a distinct exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except errors.CowfsError as e:
+            click.echo(f"cowfs: {e}", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"cowfs: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("cowfs: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cowfs")
+def main() -> None:
+    """Copy-on-write template filesystem: guests' trees as hard links to a template."""
+
+
+@main.command()
+@click.argument("backing")
+@click.argument("mountpoint")
+@click.option(
+    "--uid-offset", type=click.IntRange(0, 2**32 - 1), default=None, help="Shift ids by N (guest's range start)."
+)
+@click.option(
+    "--gid-offset",
+    type=click.IntRange(0, 2**32 - 1),
+    default=None,
+    help="Shift group ids by N (default: --uid-offset).",
+)
+@click.option(
+    "--id-range", type=click.IntRange(1, 2**32 - 1), default=65536, show_default=True, help="Size of the id range."
+)
+@click.option("--suid/--nosuid", default=False, show_default=True, help="Honour set-id bits.")
+@click.option("--dev/--nodev", default=False, show_default=True, help="Allow device nodes to be opened.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Daemon log file.")
+@click.option("--debug", is_flag=True, help="Log every request (slow).")
+def mount(
+    backing: str,
+    mountpoint: str,
+    uid_offset: int | None,
+    gid_offset: int | None,
+    id_range: int,
+    suid: bool,
+    dev: bool,
+    foreground: bool,
+    log_file: str | None,
+    debug: bool,
+) -> None:
+    """Serve BACKING at MOUNTPOINT; returns when the mount is ready."""
+    if uid_offset is None and gid_offset is None:
+        idmap = IdMap()
+    else:
+        u = uid_offset if uid_offset is not None else gid_offset
+        g = gid_offset if gid_offset is not None else uid_offset
+        assert u is not None and g is not None
+        idmap = IdMap(u, g, id_range)
+    opts = MountOptions(idmap=idmap, suid=suid, dev=dev, log_file=log_file and os.path.abspath(log_file), debug=debug)
+    do_mount(backing, mountpoint, opts, foreground=foreground)
+
+
+@main.command()
+@click.argument("mountpoint")
+@click.option("--lazy", "-l", is_flag=True, help="Detach now even if busy; the daemon exits when the last user goes.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the daemon.")
+def umount(mountpoint: str, lazy: bool, timeout: float) -> None:
+    """Unmount MOUNTPOINT and wait for its daemon to exit."""
+    do_unmount(mountpoint, lazy=lazy, timeout=timeout)
+
+
+@main.command()
+@click.argument("template")
+@click.argument("dest")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def clone(template: str, dest: str, as_json: bool) -> None:
+    """Make DEST a guest tree of hard links to TEMPLATE's files, marked."""
+    t0 = time.monotonic()
+    st = do_clone(template, dest)
+    secs = time.monotonic() - t0
+    if as_json:
+        click.echo(json.dumps({**st.__dict__, "seconds": round(secs, 3)}))
+    else:
+        click.echo(
+            f"cloned {st.files} files, {st.dirs} directories, {st.other} others in {secs:.2f}s ({st.marked} newly marked)"
+        )
+
+
+@main.group(name="attr")
+def attr_group() -> None:
+    """Show, set or clear the immutable-but-unlinkable mark."""
+
+
+@attr_group.command(name="show")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-R", "recursive", is_flag=True, help="Recurse into directories.")
+@click.option("--json", "as_json", is_flag=True)
+def attr_show(paths: tuple[str, ...], recursive: bool, as_json: bool) -> None:
+    """Show the mark of each PATH."""
+    rows = list(attr.show(paths, recursive))
+    if as_json:
+        click.echo(json.dumps([{"path": p, "iunlink": m} for p, m in rows]))
+        return
+    for p, m in rows:
+        flag = "-" * 7 if m is None else ("iunlink" if m else "-------")
+        click.echo(f"{flag} {p}")
+
+
+def _change(paths: tuple[str, ...], recursive: bool, iunlink: bool, on: bool) -> None:
+    if not iunlink:
+        raise errors.UsageError("say which attribute: --iunlink")
+    n = attr.change(paths, recursive, on)
+    click.echo(f"{'set' if on else 'cleared'} iunlink on {n} inode{'s' if n != 1 else ''}")
+
+
+@attr_group.command(name="set")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-R", "recursive", is_flag=True, help="Recurse into directories.")
+@click.option("--iunlink", is_flag=True, help="The immutable-but-unlinkable mark.")
+def attr_set(paths: tuple[str, ...], recursive: bool, iunlink: bool) -> None:
+    """Mark each PATH immutable-but-unlinkable."""
+    _change(paths, recursive, iunlink, True)
+
+
+@attr_group.command(name="clear")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-R", "recursive", is_flag=True, help="Recurse into directories.")
+@click.option("--iunlink", is_flag=True, help="The immutable-but-unlinkable mark.")
+def attr_clear(paths: tuple[str, ...], recursive: bool, iunlink: bool) -> None:
+    """Clear the mark of each PATH."""
+    _change(paths, recursive, iunlink, False)

@@ -1,0 +1,286 @@
+"""Mounting and unmounting: the cowfs daemon's life cycle.
+
+`mount` checks its input, forks the daemon, and returns once the daemon says
+the mount is ready (or relays its one-line error).  The daemon records its pid
+under /run/cowfs, keyed by the mount's device number, so `umount` can wait for
+it to exit cleanly after the kernel detaches the mount.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import errors
+from .idmap import IdMap
+from .sys import raise_nofile_limit, umount
+
+STATE_DIR = Path(os.environ.get("COWFS_STATE_DIR", "/run/cowfs"))
+log = logging.getLogger("cowfs")
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    idmap: IdMap = field(default_factory=IdMap)
+    suid: bool = False
+    dev: bool = False
+    log_file: str | None = None
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    dev: str  # "major:minor"
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[MountEntry]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            a, b = left.split(), right.split()
+            out.append(MountEntry(int(a[0]), a[2], _unescape(a[4]), b[0], _unescape(b[1])))
+    return out
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    """The topmost mount at mountpoint (by path; no stat, which a dead FUSE
+    daemon would answer with ENOTCONN)."""
+    found = None
+    for m in mounts():
+        if m.mountpoint == mountpoint:
+            found = m
+    return found
+
+
+def _abs(path: str) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _state_file(dev: str) -> Path:
+    return STATE_DIR / f"{dev}.json"
+
+
+def check_mount_args(backing: str, mountpoint: str) -> tuple[str, str]:
+    backing, mountpoint = _abs(backing), _abs(mountpoint)
+    try:
+        st = os.stat(backing)
+    except FileNotFoundError:
+        raise errors.BadBacking(f"backing tree {backing} does not exist") from None
+    except OSError as e:
+        raise errors.BadBacking(f"backing tree {backing}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise errors.BadBacking(f"backing tree {backing} is not a directory")
+    if find_mount(mountpoint) is not None:
+        raise errors.BadMountpoint(f"{mountpoint} is already a mount point")
+    try:
+        mst = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise errors.BadMountpoint(f"mount point {mountpoint} does not exist") from None
+    except OSError as e:
+        raise errors.BadMountpoint(f"mount point {mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(mst.st_mode):
+        raise errors.BadMountpoint(f"mount point {mountpoint} is not a directory")
+    if os.listdir(mountpoint):
+        raise errors.BadMountpoint(f"mount point {mountpoint} is not empty")
+    if backing == mountpoint or mountpoint.startswith(backing + "/"):
+        raise errors.BadMountpoint(f"mount point {mountpoint} lies inside the backing tree")
+    if not os.path.exists("/dev/fuse"):
+        raise errors.NoFuse("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise errors.NotPermitted("not root, and fusermount3 is not installed (apt install fuse3)")
+    return backing, mountpoint
+
+
+def _fuse_options(backing: str, opts: MountOptions) -> set[str]:
+    import pyfuse3
+
+    fsname = backing.replace("\\", "\\\\").replace(",", "\\,")
+    o = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=cowfs"}
+    o.add("suid" if opts.suid else "nosuid")
+    o.add("dev" if opts.dev else "nodev")
+    if os.geteuid() == 0:
+        o.add("allow_other")
+    if opts.debug:
+        o.add("debug")
+    return o
+
+
+def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | None) -> None:
+    """Mount and serve until unmounted; tell ready_fd "ok" or the error."""
+    import pyfuse3
+    import trio
+
+    from .fs import CowOperations
+    from .model import CowTree
+
+    def tell(msg: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, msg.encode())
+            os.close(ready_fd)
+
+    try:
+        raise_nofile_limit()
+        tree = CowTree(backing, opts.idmap)
+        tree.scan()
+        ops = CowOperations(tree)
+        pyfuse3.init(ops, mountpoint, _fuse_options(backing, opts))
+    except Exception as e:  # report any start-up failure as one line to the caller
+        tell(f"E{errors.DaemonFailed.exit_code} cannot mount {mountpoint}: {e}")
+        raise SystemExit(1) from None
+    entry = find_mount(mountpoint)
+    state = _state_file(entry.dev) if entry else None
+    if state is not None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = state.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "backing": backing, "mountpoint": mountpoint}))
+        tmp.rename(state)
+    log.info("serving %s on %s (%d temporaries cleaned)", backing, mountpoint, tree.stats.temps_removed)
+    tell("ok")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signal)
+            await pyfuse3.main(min_tasks=2)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        tree.destroy()
+        try:
+            pyfuse3.close(unmount=True)
+        finally:
+            if state is not None:
+                state.unlink(missing_ok=True)
+        log.info("stopped: %d breaks, %d marks cleared", tree.stats.breaks, tree.stats.unmarks)
+
+
+def _setup_logging(opts: MountOptions) -> None:
+    level = logging.DEBUG if opts.debug else logging.INFO
+    if opts.log_file:
+        logging.basicConfig(filename=opts.log_file, level=level, format="%(asctime)s %(levelname)s %(message)s")
+    else:
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+
+
+def mount(backing: str, mountpoint: str, opts: MountOptions, foreground: bool = False) -> None:
+    backing, mountpoint = check_mount_args(backing, mountpoint)
+    if foreground:
+        _setup_logging(opts)
+        serve(backing, mountpoint, opts, None)
+        return
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        _setup_logging(opts)
+        code = 0
+        try:
+            serve(backing, mountpoint, opts, w)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            log.exception("daemon failed")
+            code = 1
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 4096):
+        chunks.append(chunk)
+    os.close(r)
+    msg = b"".join(chunks).decode(errors="replace")
+    if msg == "ok":
+        return
+    os.waitpid(pid, 0)
+    if msg.startswith("E"):
+        code_text, _, text = msg[1:].partition(" ")
+        err = errors.DaemonFailed(text)
+        err.exit_code = int(code_text)
+        raise err
+    raise errors.DaemonFailed(f"the cowfs daemon for {mountpoint} died before the mount was ready")
+
+
+def _wait_pid_exit(pid: int, timeout: float) -> bool:
+    try:
+        pfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        p = select.poll()
+        p.register(pfd, select.POLLIN)
+        return bool(p.poll(timeout * 1000))
+    finally:
+        os.close(pfd)
+
+
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 60.0) -> None:
+    mountpoint = _abs(mountpoint)
+    entry = find_mount(mountpoint)
+    if entry is None or entry.fstype != "fuse.cowfs":
+        raise errors.NotMounted(f"{mountpoint} is not a cowfs mount")
+    state = _state_file(entry.dev)
+    pid = None
+    try:
+        pid = int(json.loads(state.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        if os.geteuid() == 0:
+            umount(mountpoint, lazy=lazy)
+        else:
+            args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+            res = subprocess.run(args, capture_output=True, text=True)
+            if res.returncode != 0:
+                if "busy" in res.stderr:
+                    raise OSError(16, "busy")
+                raise errors.NotPermitted(res.stderr.strip() or f"fusermount3 failed on {mountpoint}")
+    except OSError as e:
+        if e.errno == 16:  # EBUSY
+            raise errors.Busy(
+                f"{mountpoint} is busy (open files or a working directory inside); "
+                "close them, or detach it now with --lazy"
+            ) from None
+        raise
+    if lazy or pid is None:
+        return
+    if not _wait_pid_exit(pid, timeout):
+        raise errors.DaemonFailed(f"the cowfs daemon (pid {pid}) did not exit within {timeout:.0f}s")

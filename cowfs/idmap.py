@@ -1,0 +1,66 @@
+"""Id shifting between the backing tree and what a guest sees.
+
+One template backs guests that live in different user-namespace ranges: ids
+stored in the backing tree are shown shifted by the guest's offset and shifted
+back on chown and create.  An id outside the guest's range cannot be stored.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+OVERFLOW_ID = 65534  # the kernel's overflowuid: what unmapped ids look like
+ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
+_ACL_USER, _ACL_GROUP = 0x02, 0x08
+
+
+@dataclass(frozen=True)
+class IdMap:
+    uid_offset: int = 0
+    gid_offset: int = 0
+    size: int = 0  # 0: identity, no range to enforce
+
+    @property
+    def identity(self) -> bool:
+        return self.size == 0
+
+    def uid_out(self, backing: int) -> int:
+        if self.identity:
+            return backing
+        return backing + self.uid_offset if backing < self.size else OVERFLOW_ID
+
+    def gid_out(self, backing: int) -> int:
+        if self.identity:
+            return backing
+        return backing + self.gid_offset if backing < self.size else OVERFLOW_ID
+
+    def uid_in(self, shown: int, err: int = errno.EINVAL) -> int:
+        return self._in(shown, self.uid_offset, err)
+
+    def gid_in(self, shown: int, err: int = errno.EINVAL) -> int:
+        return self._in(shown, self.gid_offset, err)
+
+    def _in(self, shown: int, offset: int, err: int) -> int:
+        if self.identity:
+            return shown
+        if not offset <= shown < offset + self.size:
+            raise OSError(err, f"id {shown} is outside the range {offset}..{offset + self.size - 1}")
+        return shown - offset
+
+    def acl(self, value: bytes, inbound: bool) -> bytes:
+        """Shift the ids inside a POSIX ACL xattr (version 2 layout)."""
+        if self.identity or len(value) < 4:
+            return value
+        out = bytearray(value)
+        for off in range(4, len(value) - 7, 8):
+            tag, _perm, ident = struct.unpack_from("<HHI", value, off)
+            if tag == _ACL_USER:
+                ident = self.uid_in(ident) if inbound else self.uid_out(ident)
+            elif tag == _ACL_GROUP:
+                ident = self.gid_in(ident) if inbound else self.gid_out(ident)
+            else:
+                continue
+            struct.pack_into("<I", out, off + 4, ident)
+        return bytes(out)

@@ -1,0 +1,655 @@
+"""The model of a guest's backing tree: inode table, lookup counts, names, and
+the immutable-but-unlinkable policy.  It never imports pyfuse3; the adapter in
+``fs.py`` only translates.
+
+Identity.  Every inode the kernel knows is a `Node` holding an O_PATH fd on
+its backing inode, so nothing is ever resolved by path from the root and no
+symlink in the guest's tree is ever followed (every open is one component,
+O_NOFOLLOW, relative to a directory fd).  FUSE inode numbers are ours: a link
+break swaps the backing inode under a Node while the guest keeps its number.
+
+Concurrency.  Everything that changes the tables is plain ``def`` — no
+schedule point inside — so handlers are atomic under trio.  The one long
+operation, copying a file's data to break a link, runs in a worker thread
+while the Node's lock is held, so two writers of one shared file cause one
+copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from . import breaking, mark
+from .idmap import ACL_XATTRS, IdMap
+from .sys import O_PATH_NOFOLLOW, chown_fd, link_fd, proc_fd, renameat2, utimens_fd
+
+ROOT = 1
+# Inode numbers we hand out when the backing number is taken: above any
+# ext4 number, so they never meet a real one in practice (and we check).
+_SYNTHETIC_BASE = 1 << 48
+
+Key = tuple[int, int]  # (st_dev, st_ino) of a backing inode
+
+
+def key_of(st: os.stat_result) -> Key:
+    return (st.st_dev, st.st_ino)
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int
+    fd: int  # O_PATH on the backing inode
+    key: Key
+    kind: int  # stat.S_IFMT
+    marked: bool = False
+    lookups: int = 0
+    # (parent FUSE ino, name) pairs known to name this inode; used to find
+    # the names a link break must replace.  Directories keep none.
+    names: set[tuple[int, bytes]] = field(default_factory=set)
+    parent: int = ROOT  # directories: the FUSE ino of the one directory holding it
+    handles: set[int] = field(default_factory=set)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass(eq=False)
+class Handle:
+    fd: int
+    node: Node
+    flags: int
+
+
+@dataclass(eq=False)
+class DirHandle:
+    node: Node
+    names: list[bytes]
+
+
+@dataclass
+class Stats:
+    breaks: int = 0  # private copies made
+    unmarks: int = 0  # marks cleared on a last link
+    temps_removed: int = 0  # leftovers of an interrupted break, at scan
+
+
+def _walk_dirs(root_fd: int) -> Iterator[tuple[int, os.stat_result, list[os.DirEntry[str]]]]:
+    """Every directory below root_fd (an O_PATH fd), never following symlinks.
+
+    Yields (dir fd, its stat, its entries); the fd is valid during the yield.
+    """
+    stack = [os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)]
+    while stack:
+        fd = stack.pop()
+        try:
+            with os.scandir(fd) as it:
+                entries = [e for e in it]
+            st = os.fstat(fd)
+            yield fd, st, entries
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    try:
+                        sub = os.open(
+                            e.name,
+                            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=fd,
+                        )
+                    except FileNotFoundError:
+                        continue
+                    stack.append(sub)
+        finally:
+            os.close(fd)
+
+
+class CowTree:
+    """A guest's backing tree as the guest sees it."""
+
+    def __init__(self, backing: str, idmap: IdMap | None = None) -> None:
+        self.idmap = idmap or IdMap()
+        self.stats = Stats()
+        root_fd = os.open(backing, O_PATH_NOFOLLOW | os.O_DIRECTORY)
+        st = os.fstat(root_fd)
+        self.dev = st.st_dev
+        root = Node(ROOT, root_fd, key_of(st), stat.S_IFDIR, lookups=1)
+        self.nodes: dict[int, Node] = {ROOT: root}
+        self.by_key: dict[Key, Node] = {root.key: root}
+        # Backing keys of regular files with more than one name inside this
+        # tree: a marked file's link count as the guest sees it.
+        self.tree_links: dict[Key, int] = {}
+        # After a break, the copy's key keeps the guest's old number even if
+        # the kernel forgets the inode in between.
+        self.renumbered: dict[Key, int] = {}
+        self.reserved: set[int] = set()
+        self._next_synthetic = _SYNTHETIC_BASE
+        self.handles: dict[int, Handle | DirHandle] = {}
+        self._next_fh = 1
+
+    # -- start-up ------------------------------------------------------
+
+    def scan(self) -> None:
+        """Count in-tree names of each inode and drop interrupted breaks' temps.
+
+        One pass over directory entries (d_ino from getdents, no stat of
+        files), run before the mount is served.
+        """
+        counts: dict[Key, int] = {}
+        for fd, st, entries in _walk_dirs(self.nodes[ROOT].fd):
+            for e in entries:
+                if breaking.is_temp_name(os.fsencode(e.name)):
+                    try:
+                        os.unlink(e.name, dir_fd=fd)
+                        self.stats.temps_removed += 1
+                    except FileNotFoundError:
+                        pass
+                    continue
+                if e.is_file(follow_symlinks=False):
+                    k = (st.st_dev, e.inode())
+                    counts[k] = counts.get(k, 0) + 1
+        self.tree_links = {k: n for k, n in counts.items() if n > 1}
+
+    def destroy(self) -> None:
+        """Forget everything (unmount): close every fd we hold."""
+        for h in self.handles.values():
+            if isinstance(h, Handle):
+                os.close(h.fd)
+        self.handles.clear()
+        for node in self.nodes.values():
+            os.close(node.fd)
+        self.nodes.clear()
+        self.by_key.clear()
+
+    # -- the inode table ----------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise OSError(errno.ESTALE, "unknown inode") from None
+
+    def _number_for(self, key: Key) -> int:
+        ino = self.renumbered.get(key)
+        if ino is not None and ino not in self.nodes:
+            return ino
+        ino = key[1]
+        if key[0] == self.dev and ino != ROOT and ino not in self.nodes and ino not in self.reserved:
+            return ino
+        while self._next_synthetic in self.nodes or self._next_synthetic in self.reserved:
+            self._next_synthetic += 1
+        self._next_synthetic += 1
+        return self._next_synthetic - 1
+
+    def _adopt(self, fd: int, st: os.stat_result) -> Node:
+        """The Node for the inode behind fd, taking ownership of fd."""
+        k = key_of(st)
+        existing = self.by_key.get(k)
+        if existing is not None:
+            os.close(fd)
+            return existing
+        kind = stat.S_IFMT(st.st_mode)
+        marked = kind == stat.S_IFREG and mark.is_marked(fd=fd)
+        node = Node(self._number_for(k), fd, k, kind, marked)
+        self.nodes[node.ino] = node
+        self.by_key[k] = node
+        return node
+
+    def _child(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        """Resolve one name in parent without following it; no lookup counted."""
+        if breaking.is_temp_name(name):
+            raise OSError(errno.ENOENT, "reserved name")
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        node = self.by_key.get(key_of(st))
+        if node is None:
+            fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.fd)
+            st = os.fstat(fd)  # the identity of what we opened, not of what we stat'ed
+            node = self._adopt(fd, st)
+        self._named(node, parent, name)
+        return node, st
+
+    def _named(self, node: Node, parent: Node, name: bytes) -> None:
+        if node.kind == stat.S_IFDIR:
+            node.parent = parent.ino
+        else:
+            node.names.add((parent.ino, name))
+
+    def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, os.stat_result]:
+        node, st = self._child(self.node(parent_ino), name)
+        node.lookups += 1
+        return node, st
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT:
+            return
+        node.lookups -= n
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.lookups <= 0 and not node.handles and node.ino != ROOT:
+            del self.nodes[node.ino]
+            if self.by_key.get(node.key) is node:
+                del self.by_key[node.key]
+            os.close(node.fd)
+
+    def stat(self, node: Node) -> os.stat_result:
+        return os.fstat(node.fd)
+
+    def nlink(self, node: Node, st: os.stat_result) -> int:
+        """Link counts are the guest's own: names outside the tree don't count."""
+        if node.marked:
+            return self.tree_links.get(node.key, 1)
+        return st.st_nlink
+
+    # -- names --------------------------------------------------------
+
+    def _forget_name(self, parent: Node, name: bytes, st: os.stat_result) -> None:
+        k = key_of(st)
+        n = self.tree_links.get(k)
+        if n is not None:
+            if n <= 2:
+                del self.tree_links[k]
+            else:
+                self.tree_links[k] = n - 1
+        node = self.by_key.get(k)
+        if node is not None:
+            node.names.discard((parent.ino, name))
+
+    def _stat_or_none(self, parent: Node, name: bytes) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _valid_names(self, node: Node) -> list[tuple[Node, bytes]]:
+        out = []
+        for pino, name in list(node.names):
+            parent = self.nodes.get(pino)
+            st = None if parent is None else self._stat_or_none(parent, name)
+            if parent is None or st is None or key_of(st) != node.key:
+                node.names.discard((pino, name))
+                continue
+            out.append((parent, name))
+        return out
+
+    def _names_by_scan(self, key: Key) -> list[tuple[int, bytes]]:
+        """Every (dir fd, name) in the tree naming key; dir fds are the caller's."""
+        found: list[tuple[int, bytes]] = []
+        for fd, st, entries in _walk_dirs(self.nodes[ROOT].fd):
+            hits = [
+                os.fsencode(e.name)
+                for e in entries
+                if (st.st_dev, e.inode()) == key and e.is_file(follow_symlinks=False)
+            ]
+            if hits:
+                keep = os.dup(fd)
+                found.extend((keep, h) for h in hits)
+        return found
+
+    # -- the iunlink policy ------------------------------------------------
+
+    async def make_private(self, node: Node) -> None:
+        """Before any change of content or metadata: break a shared link.
+
+        With no other link outside this tree the mark is just cleared.  Else a
+        private copy replaces every name of the inode in this tree (the
+        guest's own hard-link group stays one file), and the Node, its open
+        handles and its inode number move to the copy.
+        """
+        if not node.marked:
+            return
+        async with node.lock:
+            if not node.marked:  # another writer broke it while we waited
+                return
+            st = os.fstat(node.fd)
+            in_tree = self.tree_links.get(node.key, 1)
+            if st.st_nlink <= in_tree:
+                mark.clear_mark(fd=node.fd)
+                node.marked = False
+                self.tree_links.pop(node.key, None)
+                self.stats.unmarks += 1
+                return
+            await self._break(node, in_tree)
+
+    async def _break(self, node: Node, in_tree: int) -> None:
+        known = self._valid_names(node)
+        owned: list[int] = []
+        if len(known) >= in_tree:
+            targets = [(p.fd, n) for p, n in known]
+        else:  # some names never looked up: find them (rare; a hard-link group)
+            targets = self._names_by_scan(node.key)
+            owned = [fd for fd, _ in targets]
+        try:
+            # An open but unlinked file has no name: the copy stays anonymous.
+            where = targets[0][0] if targets else self.nodes[ROOT].fd
+            tmp = await trio.to_thread.run_sync(breaking.make_copy, where, node.fd)
+            try:
+                for dir_fd, name in targets:
+                    breaking.install(tmp, dir_fd, name)
+                new_fd = os.open(proc_fd(tmp), os.O_PATH | os.O_CLOEXEC)  # follows the magic link to the copy
+            finally:
+                os.close(tmp)
+        finally:
+            for fd in set(owned):
+                os.close(fd)
+        self._rebind(node, new_fd)
+        self.stats.breaks += 1
+
+    def _rebind(self, node: Node, new_fd: int) -> None:
+        old_key, old_fd = node.key, node.fd
+        node.fd = new_fd
+        node.key = key_of(os.fstat(new_fd))
+        node.marked = False
+        if self.by_key.get(old_key) is node:
+            del self.by_key[old_key]
+        self.by_key[node.key] = node
+        self.tree_links.pop(old_key, None)
+        self.renumbered[node.key] = node.ino
+        self.reserved.add(node.ino)
+        os.close(old_fd)
+        for fh in node.handles:
+            h = self.handles[fh]
+            assert isinstance(h, Handle)
+            fresh = os.open(proc_fd(new_fd), h.flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL))
+            os.close(h.fd)
+            h.fd = fresh
+
+    # -- operations -----------------------------------------------------------
+
+    def _creator(self, uid: int, gid: int) -> tuple[int, int]:
+        return (
+            self.idmap.uid_in(uid, errno.EOVERFLOW),
+            self.idmap.gid_in(gid, errno.EOVERFLOW),
+        )
+
+    def _own_new(self, parent: Node, fd: int, uid: int, gid: int, mode: int) -> None:
+        """Give a just-created inode to its creator (the daemon made it as root)."""
+        buid, bgid = self._creator(uid, gid)
+        pst = os.fstat(parent.fd)
+        if pst.st_mode & stat.S_ISGID:
+            bgid = -1  # inherited from a setgid directory, as the kernel does
+        chown_fd(fd, buid, bgid)
+        # chown clears set-id bits even for root; put back what was asked for.
+        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode):
+            os.chmod(proc_fd(fd), stat.S_IMODE(mode))
+
+    def _check_new_name(self, name: bytes) -> None:
+        if breaking.is_temp_name(name):
+            raise OSError(errno.EPERM, "name reserved by cowfs")
+
+    def _finish_create(self, parent: Node, name: bytes, uid: int, gid: int, mode: int) -> tuple[Node, os.stat_result]:
+        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.fd)
+        try:
+            self._own_new(parent, fd, uid, gid, mode)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            if stat.S_ISDIR(mode):
+                os.rmdir(name, dir_fd=parent.fd)
+            else:
+                os.unlink(name, dir_fd=parent.fd)
+            raise
+        node = self._adopt(fd, st)
+        self._named(node, parent, name)
+        node.lookups += 1
+        return node, st
+
+    def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int, umask: int
+    ) -> tuple[Node, os.stat_result]:
+        parent = self.node(parent_ino)
+        self._check_new_name(name)
+        self._creator(uid, gid)
+        old = os.umask(umask)
+        try:
+            os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        finally:
+            os.umask(old)
+        return self._finish_create(parent, name, uid, gid, mode)
+
+    def mkdir(
+        self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, umask: int
+    ) -> tuple[Node, os.stat_result]:
+        parent = self.node(parent_ino)
+        self._check_new_name(name)
+        self._creator(uid, gid)
+        old = os.umask(umask)
+        try:
+            os.mkdir(name, mode, dir_fd=parent.fd)
+        finally:
+            os.umask(old)
+        return self._finish_create(parent, name, uid, gid, stat.S_IFDIR | mode)
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> tuple[Node, os.stat_result]:
+        parent = self.node(parent_ino)
+        self._check_new_name(name)
+        self._creator(uid, gid)
+        os.symlink(target, name, dir_fd=parent.fd)
+        return self._finish_create(parent, name, uid, gid, stat.S_IFLNK | 0o777)
+
+    def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int, umask: int
+    ) -> tuple[int, Node, os.stat_result]:
+        parent = self.node(parent_ino)
+        self._check_new_name(name)
+        self._creator(uid, gid)
+        old = os.umask(umask)
+        try:
+            fd = os.open(name, self._io_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=parent.fd)
+        finally:
+            os.umask(old)
+        try:
+            node, st = self._finish_create(parent, name, uid, gid, stat.S_IFREG | mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._new_handle(fd, node, flags), node, st
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        # readlinkat(fd, "") reads an O_PATH symlink fd itself.
+        return os.readlink(b"", dir_fd=node.fd)
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        parent = self.node(parent_ino)
+        if breaking.is_temp_name(name):
+            raise OSError(errno.ENOENT, "reserved name")
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        os.unlink(name, dir_fd=parent.fd)
+        self._forget_name(parent, name, st)
+
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        parent = self.node(parent_ino)
+        if breaking.is_temp_name(name):
+            raise OSError(errno.ENOENT, "reserved name")
+        os.rmdir(name, dir_fd=parent.fd)
+
+    def rename(self, old_ino: int, old: bytes, new_ino: int, new: bytes, flags: int) -> None:
+        src_dir, dst_dir = self.node(old_ino), self.node(new_ino)
+        if breaking.is_temp_name(old):
+            raise OSError(errno.ENOENT, "reserved name")
+        self._check_new_name(new)
+        src_st = os.stat(old, dir_fd=src_dir.fd, follow_symlinks=False)
+        dst_st = self._stat_or_none(dst_dir, new)
+        renameat2(src_dir.fd, old, dst_dir.fd, new, flags)
+        moved = self.by_key.get(key_of(src_st))
+        if flags & 2:  # RENAME_EXCHANGE: both names stay, swapped
+            other = None if dst_st is None else self.by_key.get(key_of(dst_st))
+            for n, frm, to, to_name in (
+                (moved, (src_dir.ino, old), dst_dir, new),
+                (other, (dst_dir.ino, new), src_dir, old),
+            ):
+                if n is not None:
+                    n.names.discard(frm)
+                    self._named(n, to, to_name)
+            return
+        if dst_st is not None and key_of(dst_st) != key_of(src_st):
+            self._forget_name(dst_dir, new, dst_st)
+        if moved is not None:
+            moved.names.discard((src_dir.ino, old))
+            self._named(moved, dst_dir, new)
+
+    async def link(self, ino: int, parent_ino: int, name: bytes) -> tuple[Node, os.stat_result]:
+        node, parent = self.node(ino), self.node(parent_ino)
+        self._check_new_name(name)
+        await self.make_private(node)
+        link_fd(node.fd, parent.fd, name)
+        node.names.add((parent.ino, name))
+        node.lookups += 1
+        return node, os.fstat(node.fd)
+
+    async def setattr(
+        self,
+        ino: int,
+        fh: int | None,
+        *,
+        size: int | None = None,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> os.stat_result:
+        node = self.node(ino)
+        buid = None if uid is None else self.idmap.uid_in(uid)
+        bgid = None if gid is None else self.idmap.gid_in(gid)
+        await self.make_private(node)
+        h = self.handles.get(fh) if fh is not None else None
+        if size is not None:
+            if isinstance(h, Handle):
+                os.ftruncate(h.fd, size)
+            else:
+                os.truncate(proc_fd(node.fd), size)
+        if buid is not None or bgid is not None:
+            chown_fd(node.fd, -1 if buid is None else buid, -1 if bgid is None else bgid)
+        if mode is not None and node.kind != stat.S_IFLNK:
+            os.chmod(proc_fd(node.fd), stat.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            utimens_fd(node.fd, atime_ns, mtime_ns)
+        return os.fstat(node.fd)
+
+    # -- files --------------------------------------------------------
+
+    # The kernel owns O_APPEND and page-cache coherence under writeback
+    # caching, and may read a file the caller opened write-only.
+    writeback = True
+
+    def _io_flags(self, flags: int) -> int:
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
+        if self.writeback:
+            flags &= ~os.O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags | os.O_CLOEXEC
+
+    def _new_handle(self, fd: int, node: Node, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(fd, node, self._io_flags(flags))
+        node.handles.add(fh)
+        return fh
+
+    async def open(self, ino: int, flags: int) -> int:
+        node = self.node(ino)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            await self.make_private(node)
+        fd = os.open(proc_fd(node.fd), self._io_flags(flags))
+        return self._new_handle(fd, node, flags)
+
+    def file(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if not isinstance(h, Handle):
+            raise OSError(errno.EBADF, "bad file handle")
+        return h
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if isinstance(h, Handle):
+            os.close(h.fd)
+            h.node.handles.discard(fh)
+            self._maybe_drop(h.node)
+
+    # -- directories ----------------------------------------------------
+
+    def opendir(self, ino: int) -> int:
+        node = self.node(ino)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        try:
+            with os.scandir(fd) as it:
+                names = [os.fsencode(e.name) for e in it]
+        finally:
+            os.close(fd)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = DirHandle(node, [b".", b".."] + [n for n in names if not breaking.is_temp_name(n)])
+        return fh
+
+    def dir_entries(self, fh: int, start: int) -> Iterator[tuple[int, bytes, Node, os.stat_result, bool]]:
+        """Entries from index start on, with whether the kernel counts a lookup
+        for it (it does not for "." and ".."); the caller does the counting."""
+        h = self.handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise OSError(errno.EBADF, "bad directory handle")
+        for i in range(start, len(h.names)):
+            name = h.names[i]
+            if i < 2:
+                node = h.node if i == 0 else self.nodes.get(h.node.parent, h.node)
+                yield i + 1, name, node, os.fstat(node.fd), False
+                continue
+            try:
+                node, st = self._child(h.node, name)
+            except FileNotFoundError:  # removed since opendir
+                continue
+            yield i + 1, name, node, st, True
+
+    def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    def fsyncdir(self, fh: int) -> None:
+        h = self.handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise OSError(errno.EBADF, "bad directory handle")
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=h.node.fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def drop_if_unused(self, node: Node) -> None:
+        self._maybe_drop(node)
+
+    # -- xattrs ---------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        node = self.node(ino)
+        if mark.is_internal_xattr(name):
+            raise OSError(errno.ENODATA, "no such attribute")
+        value = os.getxattr(proc_fd(node.fd), name)
+        if name in ACL_XATTRS:
+            value = self.idmap.acl(value, inbound=False)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self.node(ino)
+        return [os.fsencode(n) for n in os.listxattr(proc_fd(node.fd)) if not mark.is_internal_xattr(n)]
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        node = self.node(ino)
+        if mark.is_internal_xattr(name):
+            raise OSError(errno.EPERM, "attribute reserved by cowfs")
+        if name in ACL_XATTRS:
+            value = self.idmap.acl(value, inbound=True)
+        await self.make_private(node)
+        os.setxattr(proc_fd(node.fd), name, value, flags)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        node = self.node(ino)
+        if mark.is_internal_xattr(name):
+            raise OSError(errno.ENODATA, "no such attribute")
+        await self.make_private(node)
+        os.removexattr(proc_fd(node.fd), name)
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.nodes[ROOT].fd)

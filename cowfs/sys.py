@@ -1,0 +1,173 @@
+"""Every privileged or non-stdlib syscall cowfs makes, in one thin module.
+
+The stdlib is used where it has the call.  What it lacks (renameat2, linkat
+with AT_EMPTY_PATH, fchownat/utimensat on O_PATH descriptors, the FICLONE
+ioctl, fallocate modes, mount and umount2) is bound here with ctypes, each
+function small and typed, each failure an OSError that names the call and
+the object it was applied to.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import resource
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+FICLONE = 0x40049409
+MNT_DETACH = 2
+UTIME_OMIT = (1 << 30) - 2
+O_TMPFILE = os.O_TMPFILE if hasattr(os, "O_TMPFILE") else 0o20200000
+
+# O_PATH opens that never follow a symlink: the daemon is host root walking a
+# tree its guest controls, so every component is opened this way.
+O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_renameat2.restype = ctypes.c_int
+
+_linkat = _libc.linkat
+_linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_linkat.restype = ctypes.c_int
+
+_fchownat = _libc.fchownat
+_fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+_fchownat.restype = ctypes.c_int
+
+_utimensat = _libc.utimensat
+_utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_utimensat.restype = ctypes.c_int
+
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_fallocate.restype = ctypes.c_int
+
+_mount = _libc.mount
+_mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_mount.restype = ctypes.c_int
+
+_umount2 = _libc.umount2
+_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_umount2.restype = ctypes.c_int
+
+
+def _check(ret: int, call: str, what: object = None) -> None:
+    """Turn a libc failure into an OSError naming the call and its object."""
+    if ret == -1:
+        err = ctypes.get_errno()
+        hint = ""
+        if err == errno.ENOSYS:
+            hint = " (kernel too old or blocked by seccomp)"
+        raise OSError(err, f"{call}: {os.strerror(err)}{hint}", None if what is None else str(what))
+
+
+def proc_fd(fd: int) -> str:
+    """The magic link for fd: path calls on it jump straight to the inode."""
+    return f"/proc/self/fd/{fd}"
+
+
+def renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int = 0) -> None:
+    _check(_renameat2(olddir, old, newdir, new, flags), "renameat2", old)
+
+
+def link_fd(fd: int, newdir: int, new: bytes) -> None:
+    """Give the inode behind fd (an O_TMPFILE or O_PATH fd) the name new."""
+    _check(_linkat(fd, b"", newdir, new, AT_EMPTY_PATH), "linkat", new)
+
+
+def chown_fd(fd: int, uid: int, gid: int) -> None:
+    """fchownat(AT_EMPTY_PATH): works on O_PATH fds, symlinks included.
+
+    -1 leaves an id unchanged, as chown(2) does.
+    """
+    _check(_fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH), "fchownat", fd)
+
+
+def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """utimensat(AT_EMPTY_PATH) with nanosecond times; None leaves a time alone."""
+    ts = (_Timespec * 2)()
+    for i, t in enumerate((atime_ns, mtime_ns)):
+        if t is None:
+            ts[i].tv_sec, ts[i].tv_nsec = 0, UTIME_OMIT
+        else:
+            ts[i].tv_sec, ts[i].tv_nsec = divmod(t, 1_000_000_000)
+    _check(_utimensat(fd, b"", ts, AT_EMPTY_PATH), "utimensat", fd)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _check(_fallocate(fd, mode, offset, length), "fallocate", fd)
+
+
+def ficlone(dst_fd: int, src_fd: int) -> bool:
+    """Reflink src into dst; False where the filesystem cannot share extents."""
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS):
+            return False
+        raise
+    return True
+
+
+def copy_data(dst_fd: int, src_fd: int, size: int) -> None:
+    """Copy size bytes: reflink where possible, else in-kernel copy_file_range."""
+    if size == 0 or ficlone(dst_fd, src_fd):
+        return
+    off = 0
+    while off < size:
+        n = os.copy_file_range(src_fd, dst_fd, min(size - off, 1 << 30), off, off)
+        if n == 0:  # the source shrank under us; what we copied is what there is
+            break
+        off += n
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(
+        _mount(
+            source.encode(),
+            target.encode(),
+            None if fstype is None else fstype.encode(),
+            flags,
+            None if data is None else ctypes.c_char_p(data.encode()),
+        ),
+        "mount",
+        target,
+    )
+
+
+def umount(target: str, lazy: bool = False) -> None:
+    _check(_umount2(target.encode(), MNT_DETACH if lazy else 0), "umount2", target)
+
+
+def raise_nofile_limit() -> int:
+    """Lift RLIMIT_NOFILE to the hard maximum: the daemon holds an O_PATH fd
+    for every inode the kernel knows, like libfuse's passthrough_ll."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                hard = max(hard, int(f.read()))
+        except OSError:
+            pass
+    for want in (hard, soft):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        except (ValueError, OSError):
+            continue
+    return soft

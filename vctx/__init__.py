@@ -1,0 +1,3 @@
+"""vctx: security contexts (guests) on a stock Linux kernel."""
+
+__version__ = "0.1.0"
