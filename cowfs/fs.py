@@ -107,6 +107,18 @@ class CowOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        log.debug(
+            "setattr %d size=%s mode=%s uid=%s gid=%s atime=%s mtime=%s ctime=%s fh=%s",
+            inode,
+            fields.update_size,
+            fields.update_mode,
+            fields.update_uid,
+            fields.update_gid,
+            fields.update_atime,
+            fields.update_mtime,
+            fields.update_ctime,
+            fh,
+        )
         st = await self.tree.setattr(
             inode,
             fh,

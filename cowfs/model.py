@@ -117,8 +117,8 @@ class CowTree:
         root = Node(ROOT, root_fd, key_of(st), stat.S_IFDIR, lookups=1)
         self.nodes: dict[int, Node] = {ROOT: root}
         self.by_key: dict[Key, Node] = {root.key: root}
-        # Backing keys of regular files with more than one name inside this
-        # tree: a marked file's link count as the guest sees it.
+        # Backing keys of regular files with other than one name inside this
+        # tree: a marked file's link count as the guest sees it (1 if absent).
         self.tree_links: dict[Key, int] = {}
         # After a break, the copy's key keeps the guest's old number even if
         # the kernel forgets the inode in between.
@@ -246,16 +246,16 @@ class CowTree:
     # -- names --------------------------------------------------------
 
     def _forget_name(self, parent: Node, name: bytes, st: os.stat_result) -> None:
+        """A name of st's inode left the tree (unlink, or renamed over)."""
         k = key_of(st)
-        n = self.tree_links.get(k)
-        if n is not None:
-            if n <= 2:
-                del self.tree_links[k]
-            else:
-                self.tree_links[k] = n - 1
         node = self.by_key.get(k)
         if node is not None:
             node.names.discard((parent.ino, name))
+        # Count down marked inodes' in-tree names, to 0: a marked inode the
+        # guest still holds open but no longer names must never be mistaken
+        # for one whose last link is ours.
+        if k in self.tree_links or (node is not None and node.marked):
+            self.tree_links[k] = self.tree_links.get(k, 1) - 1
 
     def _stat_or_none(self, parent: Node, name: bytes) -> os.stat_result | None:
         try:
@@ -305,7 +305,7 @@ class CowTree:
                 return
             st = os.fstat(node.fd)
             in_tree = self.tree_links.get(node.key, 1)
-            if st.st_nlink <= in_tree:
+            if in_tree > 0 and st.st_nlink <= in_tree:
                 mark.clear_mark(fd=node.fd)
                 node.marked = False
                 self.tree_links.pop(node.key, None)
@@ -515,6 +515,14 @@ class CowTree:
         node = self.node(ino)
         buid = None if uid is None else self.idmap.uid_in(uid)
         bgid = None if gid is None else self.idmap.gid_in(gid)
+        if size is None and mode is None and buid is None and bgid is None:
+            # Under writeback caching the kernel flushes the times it keeps
+            # (after a rename or unlink it sends back an unchanged mtime with
+            # its ctime).  Setting a time to what it is changes nothing, so
+            # it must not break a link.
+            cur = os.fstat(node.fd)
+            if atime_ns in (None, cur.st_atime_ns) and mtime_ns in (None, cur.st_mtime_ns):
+                return cur
         await self.make_private(node)
         h = self.handles.get(fh) if fh is not None else None
         if size is not None:

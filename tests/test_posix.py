@@ -1,0 +1,242 @@
+"""POSIX behaviour of each operation through a real cowfs mount."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Guest, cowfs
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    if libc.renameat2(-100, bytes(old), -100, bytes(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def test_regular_files_and_nanosecond_times(guest: Guest) -> None:
+    f = guest.mnt / "etc/new"
+    f.write_bytes(b"abc")
+    with open(f, "ab") as fh:
+        fh.write(b"def")
+    assert f.read_bytes() == b"abcdef"
+    os.truncate(f, 2)
+    assert f.read_bytes() == b"ab"
+    os.utime(f, ns=(123_456_789_012, 987_654_321_098))
+    st = f.stat()
+    assert (st.st_atime_ns, st.st_mtime_ns) == (123_456_789_012, 987_654_321_098)
+    assert (guest.backing / "etc/new").stat().st_mtime_ns == 987_654_321_098
+    assert (guest.mnt / "etc/hostname").stat().st_mtime_ns == 2_000_000_456
+
+
+def test_directories_symlinks_fifos_and_listing(guest: Guest) -> None:
+    d = guest.mnt / "a/b/c"
+    d.mkdir(parents=True)
+    os.symlink("../../etc/hostname", guest.mnt / "a/b/link")
+    os.mkfifo(guest.mnt / "a/fifo")
+    assert os.readlink(guest.mnt / "a/b/link") == "../../etc/hostname"
+    assert stat.S_ISFIFO((guest.mnt / "a/fifo").lstat().st_mode)
+    assert sorted(os.listdir(guest.mnt / "a")) == ["b", "fifo"]
+    assert sorted(os.listdir(guest.mnt)) == ["a", "bin", "etc", "usr", "var"]
+    with pytest.raises(OSError) as e:
+        os.rmdir(guest.mnt / "a/b")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.rmdir(d)
+    assert not d.exists()
+
+
+def test_unix_socket(guest: Guest) -> None:
+    import socket
+
+    path = guest.mnt / "sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    assert stat.S_ISSOCK(path.lstat().st_mode)
+    s.close()
+    path.unlink()
+
+
+def test_device_nodes_exist_but_mount_is_nodev(guest: Guest) -> None:
+    os.mknod(guest.mnt / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    assert stat.S_ISCHR((guest.mnt / "null").lstat().st_mode)
+    with pytest.raises(PermissionError):
+        os.open(guest.mnt / "null", os.O_WRONLY)
+
+
+def test_permissions_are_checked_by_the_kernel(guest: Guest) -> None:
+    f = guest.mnt / "etc/secret"
+    f.write_text("x")
+    f.chmod(0o600)
+    res = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "cat", str(f)], capture_output=True
+    )
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    (guest.mnt / "pub").mkdir(mode=0o777)
+    os.chmod(guest.mnt / "pub", 0o1777)
+    res = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "touch", str(guest.mnt / "pub/mine")]
+    )
+    assert res.returncode == 0
+    st = (guest.mnt / "pub/mine").stat()
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    assert (guest.backing / "pub/mine").stat().st_uid == 1000
+
+
+def test_hard_links_and_rename_flags(guest: Guest) -> None:
+    a, b, c = guest.mnt / "a", guest.mnt / "b", guest.mnt / "c"
+    a.write_text("A")
+    os.link(a, b)
+    assert a.stat().st_nlink == 2 and a.stat().st_ino == b.stat().st_ino
+    c.write_text("C")
+    with pytest.raises(FileExistsError):
+        renameat2(a, c, 1)  # RENAME_NOREPLACE
+    renameat2(a, c, 2)  # RENAME_EXCHANGE
+    assert c.read_text() == "A" and a.read_text() == "C" and b.read_text() == "A"
+    os.rename(c, a)
+    assert a.read_text() == "A" and not c.exists()
+    b.unlink()
+    assert a.stat().st_nlink == 1
+
+
+def test_xattrs_and_acls(guest: Guest) -> None:
+    f = guest.mnt / "etc/hostname"
+    assert os.getxattr(f, "user.colour") == b"blue"
+    assert "trusted.cowfs.iunlink" not in os.listxattr(f)
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "trusted.cowfs.iunlink")
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(PermissionError):
+        os.setxattr(f, "trusted.cowfs.iunlink", b"")
+    g = guest.mnt / "etc/acl"
+    g.write_text("x")
+    subprocess.run(["setfacl", "-m", "u:1234:rw", str(g)], check=True)
+    out = subprocess.run(["getfacl", "-n", "-p", str(g)], capture_output=True, text=True, check=True).stdout
+    assert "user:1234:rw-" in out
+    res = subprocess.run(["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups", "sh", "-c", f"echo hi >> {g}"])
+    assert res.returncode == 0
+
+
+def test_statfs_fsync_fallocate_and_long_names(guest: Guest) -> None:
+    sv = os.statvfs(guest.mnt)
+    host = os.statvfs(guest.backing)
+    assert sv.f_blocks == host.f_blocks and sv.f_namemax == 255
+    f = guest.mnt / ("n" * 255)
+    fd = os.open(f, os.O_CREAT | os.O_RDWR, 0o644)
+    os.write(fd, b"data")
+    os.fsync(fd)
+    os.fdatasync(fd)
+    os.posix_fallocate(fd, 0, 1 << 20)  # glibc falls back to writes if FUSE lacks fallocate
+    assert os.fstat(fd).st_size == 1 << 20
+    os.close(fd)
+    with pytest.raises(OSError) as e:
+        os.open(guest.mnt / ("n" * 256), os.O_CREAT | os.O_WRONLY)
+    assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_deep_paths_beyond_path_max(guest: Guest) -> None:
+    """Resolve from directory fds: a tree deeper than PATH_MAX still works."""
+    component = "d" * 200
+    fd = os.open(guest.mnt, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(25):  # 25 * 201 > 4096
+        os.mkdir(component, dir_fd=fd)
+        nfd = os.open(component, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    leaf = os.open("leaf", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+    os.write(leaf, b"deep")
+    os.close(leaf)
+    assert os.stat("leaf", dir_fd=fd).st_size == 4
+    os.close(fd)
+
+
+def test_shared_writable_mmap(guest: Guest) -> None:
+    f = guest.mnt / "usr/lib/libdemo.so"
+    original = f.read_bytes()
+    with open(f, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as m:
+        m[0:4] = b"MMAP"
+        m.flush()
+    assert f.read_bytes()[:4] == b"MMAP"
+    assert (guest.backing / "usr/lib/libdemo.so").read_bytes()[:4] == b"MMAP"
+    assert original[:4] != b"MMAP" or original[4:] == f.read_bytes()[4:]
+
+
+def test_rename_directories_keeps_children(guest: Guest) -> None:
+    (guest.mnt / "x/y").mkdir(parents=True)
+    (guest.mnt / "x/y/f").write_text("f")
+    os.rename(guest.mnt / "x", guest.mnt / "z")
+    assert (guest.mnt / "z/y/f").read_text() == "f"
+    assert sorted(os.listdir(guest.mnt / "z")) == ["y"]
+
+
+def test_symlinks_in_the_backing_tree_are_never_followed(mount_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    """Metadata calls on a guest's symlink change the link, never a host file it names."""
+    outside = tmp_path / "outside"
+    outside.write_text("host file")
+    before = outside.stat()
+    g = mount_guest()
+    link = g.mnt / "escape"
+    os.symlink(str(outside), link)
+    os.chown(link, 1234, 1234, follow_symlinks=False)
+    os.utime(link, ns=(5, 6), follow_symlinks=False)
+    lst = (g.backing / "escape").lstat()
+    assert (lst.st_uid, lst.st_mtime_ns) == (1234, 6)
+    after = outside.stat()
+    assert (after.st_uid, after.st_mtime_ns, after.st_ctime_ns) == (
+        before.st_uid,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+    )
+    # ".." of the mount root is the mount's parent, never the backing tree's
+    assert os.stat(g.mnt / "..").st_ino == os.stat(g.mnt.parent).st_ino
+
+
+def test_reserved_names_are_refused(guest: Guest) -> None:
+    with pytest.raises(PermissionError):
+        (guest.mnt / ".#cowfs.mine").write_text("x")
+    assert not (guest.mnt / ".#cowfs.mine").exists()
+
+
+def test_id_offset_shifts_and_refuses_out_of_range(mount_guest: Callable[..., Guest]) -> None:
+    g = mount_guest("shifted", "--uid-offset", "100000", "--suid")
+    st = (g.mnt / "etc/passwd").stat()
+    assert (st.st_uid, st.st_gid) == (100000, 100042)
+    f = g.mnt / "etc/hostname"
+    os.chown(f, 100007, 100008)
+    assert (g.backing / "etc/hostname").stat().st_uid == 7
+    with pytest.raises(OSError) as e:
+        os.chown(f, 5, 5)
+    assert e.value.errno == errno.EINVAL
+    # host root is not in the guest's range: it cannot create files there
+    with pytest.raises(OSError) as e:
+        (g.mnt / "new").write_text("x")
+    assert e.value.errno == errno.EOVERFLOW
+    # an ACL naming a guest user is stored in backing ids
+    (g.mnt / "etc/passwd").chmod(0o644)
+    subprocess.run(["setfacl", "-m", "u:100033:r", str(g.mnt / "etc/passwd")], check=True)
+    assert (
+        "user:33:r--"
+        in subprocess.run(["getfacl", "-n", "-p", str(g.backing / "etc/passwd")], capture_output=True, text=True).stdout
+    )
+
+
+def test_attr_commands(template: Path) -> None:
+    cowfs("attr", "clear", "--iunlink", "-R", str(template))
+    out = cowfs("attr", "show", "-R", str(template)).stdout
+    assert "------- " + str(template / "etc/hostname") in out and "iunlink" not in out
+    assert cowfs("attr", "set", "--iunlink", "-R", str(template / "etc")).stdout == "set iunlink on 2 inodes\n"
+    out = cowfs("attr", "show", str(template / "etc/hostname"), str(template / "etc/passwd")).stdout
+    assert out.count("iunlink ") == 2
+    cowfs("attr", "clear", "--iunlink", str(template / "etc/passwd"))
+    assert cowfs("attr", "show", str(template / "etc/passwd")).stdout.startswith("-------")
+    res = cowfs("attr", "set", "--iunlink", str(template / "etc"), check=False)
+    assert res.returncode != 0 and "only regular files" in res.stderr
+    assert "Traceback" not in res.stderr
