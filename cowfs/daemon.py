@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import errors
 from .idmap import IdMap
+from .sys import mount as sys_mount
 from .sys import raise_nofile_limit, umount
 
 STATE_DIR = Path(os.environ.get("COWFS_STATE_DIR", "/run/cowfs"))
@@ -118,26 +119,50 @@ def check_mount_args(backing: str, mountpoint: str) -> tuple[str, str]:
     return backing, mountpoint
 
 
-def _fuse_options(backing: str, opts: MountOptions) -> set[str]:
-    import pyfuse3
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 
-    fsname = backing.replace("\\", "\\\\").replace(",", "\\,")
-    o = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=cowfs"}
-    o.add("suid" if opts.suid else "nosuid")
-    o.add("dev" if opts.dev else "nodev")
+
+def _open_fuse(backing: str, mountpoint: str, opts: MountOptions) -> int:
+    """Mount a FUSE connection at mountpoint; returns its /dev/fuse fd.
+
+    As root this is mount(2) itself; otherwise fusermount3 mounts and hands
+    the fd back over a socket (its _FUSE_COMMFD protocol).
+    """
+    data = "default_permissions"
     if os.geteuid() == 0:
-        o.add("allow_other")
-    if opts.debug:
-        o.add("debug")
-    return o
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        flags = (0 if opts.suid else MS_NOSUID) | (0 if opts.dev else MS_NODEV)
+        data += f",fd={fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,allow_other"
+        try:
+            sys_mount(backing, mountpoint, "fuse.cowfs", flags, data)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fsname = backing.replace("\\", "\\\\").replace(",", "\\,")
+    o = f"{data},fsname={fsname},subtype=cowfs,{'suid' if opts.suid else 'nosuid'},{'dev' if opts.dev else 'nodev'}"
+    env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+    res = subprocess.run(["fusermount3", "-o", o, "--", mountpoint], env=env, pass_fds=(theirs.fileno(),), capture_output=True, text=True)
+    theirs.close()
+    if res.returncode != 0:
+        ours.close()
+        raise errors.NotPermitted(res.stderr.strip() or "fusermount3 failed")
+    _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
+    ours.close()
+    if not fds:
+        raise errors.DaemonFailed("fusermount3 did not pass the FUSE fd")
+    return fds[0]
 
 
 def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | None) -> None:
     """Mount and serve until unmounted; tell ready_fd "ok" or the error."""
-    import pyfuse3
     import trio
 
-    from .fs import CowOperations
+    from .fs import INIT_FLAGS, CowFS
+    from .fuse import Session
     from .model import CowTree
 
     def tell(msg: str) -> None:
@@ -149,8 +174,8 @@ def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | Non
         raise_nofile_limit()
         tree = CowTree(backing, opts.idmap)
         tree.scan()
-        ops = CowOperations(tree)
-        pyfuse3.init(ops, mountpoint, _fuse_options(backing, opts))
+        fs = CowFS(tree)
+        fuse_fd = _open_fuse(backing, mountpoint, opts)
     except Exception as e:  # report any start-up failure as one line to the caller
         tell(f"E{errors.DaemonFailed.exit_code} cannot mount {mountpoint}: {e}")
         raise SystemExit(1) from None
@@ -163,6 +188,7 @@ def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | Non
         tmp.rename(state)
     log.info("serving %s on %s (%d temporaries cleaned)", backing, mountpoint, tree.stats.temps_removed)
     tell("ok")
+    session = Session(fuse_fd, fs.handlers(), fs.slow(), INIT_FLAGS)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -170,22 +196,21 @@ def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | Non
             async def on_signal() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                     async for _ in sigs:
-                        pyfuse3.terminate()
+                        # Detach; the kernel then ends the connection and serve() returns.
+                        umount(mountpoint, lazy=True)
                         return
 
             nursery.start_soon(on_signal)
-            await pyfuse3.main(min_tasks=2)
+            await session.serve()
             nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)
     finally:
         tree.destroy()
-        try:
-            pyfuse3.close(unmount=True)
-        finally:
-            if state is not None:
-                state.unlink(missing_ok=True)
+        os.close(fuse_fd)
+        if state is not None:
+            state.unlink(missing_ok=True)
         log.info("stopped: %d breaks, %d marks cleared", tree.stats.breaks, tree.stats.unmarks)
 
 

@@ -1,289 +1,307 @@
-"""The pyfuse3 adapter: translates FUSE requests to the model and back.
+"""The FUSE adapter: decodes requests for the model and encodes its answers.
 
-Errors are mapped here and only here: an OSError from the model becomes
-FUSEError(errno); anything else is a bug and stays loud.
+Errors are mapped here and only here: an OSError from the model becomes the
+errno of the reply (in fuse.Session); anything else is a bug and stays loud.
+
+What the kernel is told, and why:
+- entries, negative entries and attributes are valid for a day: cowfs is the
+  only writer of the backing tree while mounted, and every change it makes
+  is a reply that updates the kernel's cache;
+- OPEN, OPENDIR, CREATE and FLUSH are answered ENOSYS, so the kernel stops
+  sending them and keeps file pages and directory listings cached itself;
+  reads and writes carry the inode, and the model keeps one fd per inode;
+- a link therefore breaks at the first change (write, truncate, chmod, ...),
+  not at a write-open that writes nothing: nothing the guest can observe
+  differs, and no copy is made that nothing needed.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
+import errno
 import os
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+import stat
+import time
+from collections.abc import Awaitable, Callable
 
-import pyfuse3
-
+from . import fuse
+from .fuse import Request
 from .model import CowTree, Node
 
-log = logging.getLogger("cowfs")
-
-# The daemon is the only writer of the backing tree while mounted, so the
-# kernel may cache entries, negative entries and attributes for as long as
-# it likes: every change goes through us and our replies update its cache.
-TIMEOUT = 86400.0
-
-P = ParamSpec("P")
-R = TypeVar("R")
+_NEGATIVE = fuse.pack_entry(0, bytes(fuse.ATTR.size))
 
 
-def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except OSError as e:
-            if e.errno is None:
-                raise
-            raise pyfuse3.FUSEError(e.errno) from None
-
-    return wrapper
-
-
-class CowOperations(pyfuse3.Operations):
-    supports_dot_lookup = False  # no ".." lookups: we are not NFS-exported
-    enable_writeback_cache = True
-    enable_acl = True
-
+class CowFS:
     def __init__(self, tree: CowTree) -> None:
-        super().__init__()
         self.tree = tree
-        tree.writeback = self.enable_writeback_cache
 
-    def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.generation = 0
-        a.entry_timeout = TIMEOUT
-        a.attr_timeout = TIMEOUT
-        a.st_mode = st.st_mode
-        a.st_nlink = self.tree.nlink(node, st)
+    # -- encoding -------------------------------------------------------
+
+    def _attr(self, node: Node, st: os.stat_result) -> bytes:
         idmap = self.tree.idmap
-        a.st_uid = idmap.uid_out(st.st_uid)
-        a.st_gid = idmap.gid_out(st.st_gid)
-        a.st_rdev = st.st_rdev
-        a.st_size = st.st_size
-        a.st_blksize = st.st_blksize
-        a.st_blocks = st.st_blocks
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
-        return a
+        return fuse.pack_attr(node.ino, st, self.tree.nlink(node, st), idmap.uid_out(st.st_uid), idmap.gid_out(st.st_gid))
 
-    def stacktrace(self) -> None:
-        """pyfuse3 dumps stacks on a magic setxattr; a guest must not spam our log."""
+    def _entry(self, node: Node, st: os.stat_result) -> bytes:
+        return fuse.pack_entry(node.ino, self._attr(node, st))
 
-    # -- lookups ------------------------------------------------------
+    # -- the tables the session dispatches on ----------------------------
 
-    @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        try:
-            node, st = self.tree.lookup(parent_inode, name)
-        except FileNotFoundError:
-            neg = pyfuse3.EntryAttributes()
-            neg.st_ino = 0
-            neg.entry_timeout = TIMEOUT
-            return neg
-        return self._attrs(node, st)
+    def handlers(self) -> dict[int, fuse.Handler]:
+        return {
+            fuse.LOOKUP: self.lookup,
+            fuse.FORGET: self.forget,
+            fuse.BATCH_FORGET: self.batch_forget,
+            fuse.GETATTR: self.getattr,
+            fuse.SETATTR: self._sync(self.setattr),
+            fuse.READLINK: self.readlink,
+            fuse.SYMLINK: self.symlink,
+            fuse.MKNOD: self.mknod,
+            fuse.MKDIR: self.mkdir,
+            fuse.UNLINK: self.unlink,
+            fuse.RMDIR: self.rmdir,
+            fuse.RENAME: self.rename,
+            fuse.RENAME2: self.rename2,
+            fuse.LINK: self._sync(self.link),
+            fuse.OPEN: self.enosys,
+            fuse.OPENDIR: self.enosys,
+            fuse.CREATE: self.enosys,
+            fuse.FLUSH: self.enosys,
+            fuse.RELEASE: self.ok,
+            fuse.RELEASEDIR: self.ok,
+            fuse.READ: self.read,
+            fuse.WRITE: self._sync(self.write),
+            fuse.STATFS: self.statfs,
+            fuse.FSYNC: self.fsync,
+            fuse.FSYNCDIR: self.fsync,
+            fuse.SETXATTR: self._sync(self.setxattr),
+            fuse.GETXATTR: self.getxattr,
+            fuse.LISTXATTR: self.listxattr,
+            fuse.REMOVEXATTR: self._sync(self.removexattr),
+            fuse.ACCESS: self.ok,
+            fuse.FALLOCATE: self._sync(self.fallocate),
+            fuse.READDIRPLUS: self.readdirplus,
+            fuse.READDIR: self.readdir,
+            fuse.INTERRUPT: self.ok,
+        }
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, n in inode_list:
+    def slow(self) -> dict[int, tuple[Callable[[Request, memoryview], bool], fuse.AsyncHandler]]:
+        """Requests that may break a link run as tasks, but only when they
+        will: the node is marked.  Everything else is answered inline."""
+        marked = self._target_marked
+        linked = self._link_source_marked
+        return {
+            fuse.SETATTR: (marked, self.setattr),
+            fuse.WRITE: (marked, self.write),
+            fuse.SETXATTR: (marked, self.setxattr),
+            fuse.REMOVEXATTR: (marked, self.removexattr),
+            fuse.FALLOCATE: (marked, self.fallocate),
+            fuse.LINK: (linked, self.link),
+        }
+
+    def _target_marked(self, req: Request, body: memoryview) -> bool:
+        node = self.tree.nodes.get(req.nodeid)
+        return node is not None and node.marked
+
+    def _link_source_marked(self, req: Request, body: memoryview) -> bool:
+        (old,) = fuse.LINK_IN.unpack_from(body)
+        node = self.tree.nodes.get(old)
+        return node is not None and node.marked
+
+    @staticmethod
+    def _sync(fn: Callable[[Request, memoryview], Awaitable[bytes | None]]) -> fuse.Handler:
+        """Run a coroutine that will not suspend (its node is not marked)."""
+
+        def run(req: Request, body: memoryview) -> bytes | None:
+            coro = fn(req, body)
             try:
-                self.tree.forget(ino, n)
-            except OSError:  # forget never raises; a close failing is only logged
-                log.exception("forget(%d) failed", ino)
+                coro.send(None)  # type: ignore[attr-defined]
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            coro.close()  # type: ignore[attr-defined]
+            raise RuntimeError(f"opcode {req.opcode} suspended on an unmarked inode")
 
-    @_fuse_errors
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self.tree.node(inode)
-        return self._attrs(node, self.tree.stat(node))
+        return run
 
-    @_fuse_errors
-    async def setattr(
-        self,
-        inode: int,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-        fh: int | None,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        log.debug(
-            "setattr %d size=%s mode=%s uid=%s gid=%s atime=%s mtime=%s ctime=%s fh=%s",
-            inode,
-            fields.update_size,
-            fields.update_mode,
-            fields.update_uid,
-            fields.update_gid,
-            fields.update_atime,
-            fields.update_mtime,
-            fields.update_ctime,
-            fh,
-        )
+    # -- handlers -------------------------------------------------------
+
+    def enosys(self, req: Request, body: memoryview) -> bytes:
+        raise OSError(errno.ENOSYS, "not used")
+
+    def ok(self, req: Request, body: memoryview) -> None:
+        return None
+
+    def lookup(self, req: Request, body: memoryview) -> bytes:
+        name, _ = fuse.cstr(body)
+        try:
+            node, st = self.tree.lookup(req.nodeid, name)
+        except FileNotFoundError:
+            return _NEGATIVE
+        return self._entry(node, st)
+
+    def forget(self, req: Request, body: memoryview) -> None:
+        (n,) = fuse.FORGET_IN.unpack_from(body)
+        self.tree.forget(req.nodeid, n)
+
+    def batch_forget(self, req: Request, body: memoryview) -> None:
+        count, _ = fuse.BATCH_FORGET_IN.unpack_from(body)
+        off = fuse.BATCH_FORGET_IN.size
+        for _ in range(count):
+            ino, n = fuse.FORGET_ONE.unpack_from(body, off)
+            off += fuse.FORGET_ONE.size
+            self.tree.forget(ino, n)
+
+    def getattr(self, req: Request, body: memoryview) -> bytes:
+        node = self.tree.node(req.nodeid)
+        return fuse.pack_attr_out(self._attr(node, self.tree.stat(node)))
+
+    async def setattr(self, req: Request, body: memoryview) -> bytes:
+        (valid, _, _fh, size, _lo, atime, mtime, _ctime, atimens, mtimens, _cns, mode, _u4, uid, gid, _u5) = fuse.SETATTR_IN.unpack_from(body)
+        now = time.time_ns() if valid & (fuse.FATTR_ATIME_NOW | fuse.FATTR_MTIME_NOW) else 0
+        atime_ns = mtime_ns = None
+        if valid & fuse.FATTR_ATIME_NOW:
+            atime_ns = now
+        elif valid & fuse.FATTR_ATIME:
+            atime_ns = atime * 1_000_000_000 + atimens
+        if valid & fuse.FATTR_MTIME_NOW:
+            mtime_ns = now
+        elif valid & fuse.FATTR_MTIME:
+            mtime_ns = mtime * 1_000_000_000 + mtimens
         st = await self.tree.setattr(
-            inode,
-            fh,
-            size=attr.st_size if fields.update_size else None,
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            req.nodeid,
+            size=size if valid & fuse.FATTR_SIZE else None,
+            mode=mode if valid & fuse.FATTR_MODE else None,
+            uid=uid if valid & fuse.FATTR_UID else None,
+            gid=gid if valid & fuse.FATTR_GID else None,
+            atime_ns=atime_ns,
+            mtime_ns=mtime_ns,
         )
-        return self._attrs(self.tree.node(inode), st)
+        return fuse.pack_attr_out(self._attr(self.tree.node(req.nodeid), st))
 
-    @_fuse_errors
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.tree.readlink(inode)
+    def readlink(self, req: Request, body: memoryview) -> bytes:
+        return self.tree.readlink(req.nodeid)
 
-    # -- namespace changes --------------------------------------------------
+    def symlink(self, req: Request, body: memoryview) -> bytes:
+        name, off = fuse.cstr(body)
+        target, _ = fuse.cstr(body, off)
+        return self._entry(*self.tree.symlink(req.nodeid, name, target, req.uid, req.gid))
 
-    @_fuse_errors
-    async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        node, st = self.tree.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid, ctx.umask)
-        return self._attrs(node, st)
+    def mknod(self, req: Request, body: memoryview) -> bytes:
+        mode, rdev, umask, _ = fuse.MKNOD_IN.unpack_from(body)
+        name, _ = fuse.cstr(body, fuse.MKNOD_IN.size)
+        return self._entry(*self.tree.mknod(req.nodeid, name, mode, rdev, req.uid, req.gid, umask))
 
-    @_fuse_errors
-    async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        node, st = self.tree.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid, ctx.umask)
-        return self._attrs(node, st)
+    def mkdir(self, req: Request, body: memoryview) -> bytes:
+        mode, umask = fuse.MKDIR_IN.unpack_from(body)
+        name, _ = fuse.cstr(body, fuse.MKDIR_IN.size)
+        return self._entry(*self.tree.mkdir(req.nodeid, name, mode, req.uid, req.gid, umask))
 
-    @_fuse_errors
-    async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        node, st = self.tree.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
-        return self._attrs(node, st)
+    def unlink(self, req: Request, body: memoryview) -> None:
+        self.tree.unlink(req.nodeid, fuse.cstr(body)[0])
 
-    @_fuse_errors
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.tree.unlink(parent_inode, name)
+    def rmdir(self, req: Request, body: memoryview) -> None:
+        self.tree.rmdir(req.nodeid, fuse.cstr(body)[0])
 
-    @_fuse_errors
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.tree.rmdir(parent_inode, name)
+    def rename(self, req: Request, body: memoryview) -> None:
+        (newdir,) = fuse.RENAME_IN.unpack_from(body)
+        old, off = fuse.cstr(body, fuse.RENAME_IN.size)
+        new, _ = fuse.cstr(body, off)
+        self.tree.rename(req.nodeid, old, newdir, new, 0)
 
-    @_fuse_errors
-    async def rename(
-        self,
-        parent_inode_old: int,
-        name_old: bytes,
-        parent_inode_new: int,
-        name_new: bytes,
-        flags: int,
-        ctx: pyfuse3.RequestContext,
-    ) -> None:
-        self.tree.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+    def rename2(self, req: Request, body: memoryview) -> None:
+        newdir, flags, _ = fuse.RENAME2_IN.unpack_from(body)
+        old, off = fuse.cstr(body, fuse.RENAME2_IN.size)
+        new, _ = fuse.cstr(body, off)
+        self.tree.rename(req.nodeid, old, newdir, new, flags)
 
-    @_fuse_errors
-    async def link(
-        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        node, st = await self.tree.link(inode, new_parent_inode, new_name)
-        return self._attrs(node, st)
+    async def link(self, req: Request, body: memoryview) -> bytes:
+        (old,) = fuse.LINK_IN.unpack_from(body)
+        name, _ = fuse.cstr(body, fuse.LINK_IN.size)
+        return self._entry(*await self.tree.link(old, req.nodeid, name))
 
-    # -- files ------------------------------------------------------------
+    def read(self, req: Request, body: memoryview) -> bytes:
+        _fh, off, size, *_ = fuse.READ_IN.unpack_from(body)
+        return self.tree.read(req.nodeid, off, size)
 
-    def _info(self, fh: int) -> pyfuse3.FileInfo:
-        # keep_cache: we are the only writer, so the page cache stays valid
-        # from one open to the next.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+    async def write(self, req: Request, body: memoryview) -> bytes:
+        _fh, off, size, *_ = fuse.WRITE_IN.unpack_from(body)
+        data = body[fuse.WRITE_IN.size : fuse.WRITE_IN.size + size]
+        return fuse.WRITE_OUT.pack(await self.tree.write(req.nodeid, off, data), 0)
 
-    @_fuse_errors
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        return self._info(await self.tree.open(inode, flags))
+    async def fallocate(self, req: Request, body: memoryview) -> None:
+        _fh, off, length, mode, _ = fuse.FALLOCATE_IN.unpack_from(body)
+        await self.tree.fallocate(req.nodeid, mode, off, length)
 
-    @_fuse_errors
-    async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
-    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, node, st = self.tree.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid, ctx.umask)
-        return self._info(fh), self._attrs(node, st)
-
-    @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.tree.file(fh).fd, size, off)
-
-    @_fuse_errors
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self.tree.file(fh).fd, buf, off)
-
-    async def flush(self, fh: int) -> None:
-        pass
-
-    @_fuse_errors
-    async def release(self, fh: int) -> None:
-        self.tree.release(fh)
-
-    @_fuse_errors
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self.tree.file(fh).fd
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
-
-    # -- directories ----------------------------------------------------
-
-    @_fuse_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return self.tree.opendir(inode)
-
-    @_fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for next_id, name, node, st, counted in self.tree.dir_entries(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, self._attrs(node, st), next_id):
-                self.tree.drop_if_unused(node)
-                return
-            if counted:
-                node.lookups += 1  # readdirplus entries count as lookups
-
-    @_fuse_errors
-    async def releasedir(self, fh: int) -> None:
-        self.tree.releasedir(fh)
-
-    @_fuse_errors
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.tree.fsyncdir(fh)
-
-    @_fuse_errors
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    def statfs(self, req: Request, body: memoryview) -> bytes:
         sv = self.tree.statfs()
-        out = pyfuse3.StatvfsData()
-        for f in (
-            "f_bsize",
-            "f_frsize",
-            "f_blocks",
-            "f_bfree",
-            "f_bavail",
-            "f_files",
-            "f_ffree",
-            "f_favail",
-            "f_namemax",
-        ):
-            setattr(out, f, getattr(sv, f))
-        return out
+        return fuse.STATFS_OUT.pack(sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree, sv.f_bsize, sv.f_namemax, sv.f_frsize, 0, *([0] * 6))
 
-    # -- xattrs ---------------------------------------------------------
+    def fsync(self, req: Request, body: memoryview) -> None:
+        _fh, flags, _ = fuse.FSYNC_IN.unpack_from(body)
+        self.tree.fsync(req.nodeid, bool(flags & 1))
 
-    @_fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.tree.getxattr(inode, name)
+    async def setxattr(self, req: Request, body: memoryview) -> None:
+        size, flags = fuse.SETXATTR_IN.unpack_from(body)
+        name, off = fuse.cstr(body, fuse.SETXATTR_IN.size)
+        await self.tree.setxattr(req.nodeid, name, body[off : off + size].tobytes(), flags)
 
-    @_fuse_errors
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return self.tree.listxattr(inode)
+    @staticmethod
+    def _sized(value: bytes, body: memoryview) -> bytes:
+        size, _ = fuse.GETXATTR_IN.unpack_from(body)
+        if size == 0:
+            return fuse.GETXATTR_OUT.pack(len(value), 0)
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return value
 
-    @_fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.tree.setxattr(inode, name, value, 0)
+    def getxattr(self, req: Request, body: memoryview) -> bytes:
+        name, _ = fuse.cstr(body, fuse.GETXATTR_IN.size)
+        return self._sized(self.tree.getxattr(req.nodeid, name), body)
 
-    @_fuse_errors
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.tree.removexattr(inode, name)
+    def listxattr(self, req: Request, body: memoryview) -> bytes:
+        return self._sized(b"".join(n + b"\0" for n in self.tree.listxattr(req.nodeid)), body)
 
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        return True  # default_permissions: the kernel has already checked
+    async def removexattr(self, req: Request, body: memoryview) -> None:
+        await self.tree.removexattr(req.nodeid, fuse.cstr(body)[0])
+
+    def readdirplus(self, req: Request, body: memoryview) -> bytes:
+        _fh, offset, size, *_ = fuse.READ_IN.unpack_from(body)
+        out = bytearray()
+        for next_off, name, node, st, counted in self.tree.readdir(req.nodeid, offset):
+            rec = fuse.ENTRY_HEAD.size + fuse.ATTR.size + fuse.DIRENT_HEAD.size
+            reclen = fuse.pad8(rec + len(name))
+            if len(out) + reclen > size:
+                self.tree.drop_if_unused(node)
+                break
+            out += self._entry(node, st)
+            out += fuse.DIRENT_HEAD.pack(node.ino, next_off, len(name), stat.S_IFMT(st.st_mode) >> 12)
+            out += name + bytes(reclen - rec - len(name))
+            if counted:
+                node.lookups += 1  # the kernel counts a lookup for each entry
+        return bytes(out)
+
+    def readdir(self, req: Request, body: memoryview) -> bytes:
+        _fh, offset, size, *_ = fuse.READ_IN.unpack_from(body)
+        out = bytearray()
+        for next_off, name, node, st, _counted in self.tree.readdir(req.nodeid, offset):
+            reclen = fuse.pad8(fuse.DIRENT_HEAD.size + len(name))
+            if len(out) + reclen > size:
+                self.tree.drop_if_unused(node)
+                break
+            out += fuse.DIRENT_HEAD.pack(node.ino, next_off, len(name), stat.S_IFMT(st.st_mode) >> 12)
+            out += name + bytes(reclen - fuse.DIRENT_HEAD.size - len(name))
+            self.tree.drop_if_unused(node)
+        return bytes(out)
+
+
+INIT_FLAGS = (
+    fuse.ASYNC_READ
+    | fuse.BIG_WRITES
+    | fuse.DONT_MASK
+    | fuse.DO_READDIRPLUS
+    | fuse.ASYNC_DIO
+    | fuse.WRITEBACK_CACHE
+    | fuse.PARALLEL_DIROPS
+    | fuse.POSIX_ACL
+    | fuse.ABORT_ERROR
+    | fuse.MAX_PAGES
+    | fuse.CACHE_SYMLINKS
+)

@@ -1,6 +1,6 @@
 """The model of a guest's backing tree: inode table, lookup counts, names, and
-the immutable-but-unlinkable policy.  It never imports pyfuse3; the adapter in
-``fs.py`` only translates.
+the immutable-but-unlinkable policy.  It knows nothing of the FUSE protocol;
+the adapter in ``fs.py`` only translates.
 
 Identity.  Every inode the kernel knows is a `Node` holding an O_PATH fd on
 its backing inode, so nothing is ever resolved by path from the root and no
@@ -27,7 +27,7 @@ import trio
 
 from . import breaking, mark
 from .idmap import ACL_XATTRS, IdMap
-from .sys import O_PATH_NOFOLLOW, chown_fd, link_fd, proc_fd, renameat2, utimens_fd
+from .sys import O_PATH_NOFOLLOW, chown_fd, fallocate, link_fd, proc_fd, renameat2, utimens_fd
 
 ROOT = 1
 # Inode numbers we hand out when the backing number is taken: above any
@@ -53,21 +53,14 @@ class Node:
     # the names a link break must replace.  Directories keep none.
     names: set[tuple[int, bytes]] = field(default_factory=set)
     parent: int = ROOT  # directories: the FUSE ino of the one directory holding it
-    handles: set[int] = field(default_factory=set)
+    # Regular files: the fd reads and writes use (the kernel never opens
+    # files through us), read-only until the first write.
+    io_fd: int = -1
+    io_rw: bool = False
+    # Directories: the listing readdir offsets index, taken at offset 0 and
+    # dropped whenever we change the directory.
+    listing: list[bytes] | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
-
-
-@dataclass(eq=False)
-class Handle:
-    fd: int
-    node: Node
-    flags: int
-
-
-@dataclass(eq=False)
-class DirHandle:
-    node: Node
-    names: list[bytes]
 
 
 @dataclass
@@ -125,8 +118,6 @@ class CowTree:
         self.renumbered: dict[Key, int] = {}
         self.reserved: set[int] = set()
         self._next_synthetic = _SYNTHETIC_BASE
-        self.handles: dict[int, Handle | DirHandle] = {}
-        self._next_fh = 1
 
     # -- start-up ------------------------------------------------------
 
@@ -153,11 +144,8 @@ class CowTree:
 
     def destroy(self) -> None:
         """Forget everything (unmount): close every fd we hold."""
-        for h in self.handles.values():
-            if isinstance(h, Handle):
-                os.close(h.fd)
-        self.handles.clear()
         for node in self.nodes.values():
+            self._close_io(node)
             os.close(node.fd)
         self.nodes.clear()
         self.by_key.clear()
@@ -182,15 +170,17 @@ class CowTree:
         self._next_synthetic += 1
         return self._next_synthetic - 1
 
-    def _adopt(self, fd: int, st: os.stat_result) -> Node:
-        """The Node for the inode behind fd, taking ownership of fd."""
+    def _adopt(self, fd: int, st: os.stat_result, fresh: bool = False) -> Node:
+        """The Node for the inode behind fd, taking ownership of fd.
+
+        fresh: we just created it, so it carries no mark."""
         k = key_of(st)
         existing = self.by_key.get(k)
         if existing is not None:
             os.close(fd)
             return existing
         kind = stat.S_IFMT(st.st_mode)
-        marked = kind == stat.S_IFREG and mark.is_marked(fd=fd)
+        marked = kind == stat.S_IFREG and not fresh and mark.is_marked(fd=fd)
         node = Node(self._number_for(k), fd, k, kind, marked)
         self.nodes[node.ino] = node
         self.by_key[k] = node
@@ -228,11 +218,17 @@ class CowTree:
         self._maybe_drop(node)
 
     def _maybe_drop(self, node: Node) -> None:
-        if node.lookups <= 0 and not node.handles and node.ino != ROOT:
+        if node.lookups <= 0 and node.ino != ROOT:
             del self.nodes[node.ino]
             if self.by_key.get(node.key) is node:
                 del self.by_key[node.key]
+            self._close_io(node)
             os.close(node.fd)
+
+    def _close_io(self, node: Node) -> None:
+        if node.io_fd >= 0:
+            os.close(node.io_fd)
+            node.io_fd, node.io_rw = -1, False
 
     def stat(self, node: Node) -> os.stat_result:
         return os.fstat(node.fd)
@@ -349,12 +345,7 @@ class CowTree:
         self.renumbered[node.key] = node.ino
         self.reserved.add(node.ino)
         os.close(old_fd)
-        for fh in node.handles:
-            h = self.handles[fh]
-            assert isinstance(h, Handle)
-            fresh = os.open(proc_fd(new_fd), h.flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL))
-            os.close(h.fd)
-            h.fd = fresh
+        self._close_io(node)  # reads and writes move to the copy
 
     # -- operations -----------------------------------------------------------
 
@@ -391,8 +382,9 @@ class CowTree:
             else:
                 os.unlink(name, dir_fd=parent.fd)
             raise
-        node = self._adopt(fd, st)
+        node = self._adopt(fd, st, fresh=True)
         self._named(node, parent, name)
+        parent.listing = None
         node.lookups += 1
         return node, st
 
@@ -429,24 +421,6 @@ class CowTree:
         os.symlink(target, name, dir_fd=parent.fd)
         return self._finish_create(parent, name, uid, gid, stat.S_IFLNK | 0o777)
 
-    def create(
-        self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int, umask: int
-    ) -> tuple[int, Node, os.stat_result]:
-        parent = self.node(parent_ino)
-        self._check_new_name(name)
-        self._creator(uid, gid)
-        old = os.umask(umask)
-        try:
-            fd = os.open(name, self._io_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=parent.fd)
-        finally:
-            os.umask(old)
-        try:
-            node, st = self._finish_create(parent, name, uid, gid, stat.S_IFREG | mode)
-        except BaseException:
-            os.close(fd)
-            raise
-        return self._new_handle(fd, node, flags), node, st
-
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
         # readlinkat(fd, "") reads an O_PATH symlink fd itself.
@@ -458,6 +432,7 @@ class CowTree:
             raise OSError(errno.ENOENT, "reserved name")
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         os.unlink(name, dir_fd=parent.fd)
+        parent.listing = None
         self._forget_name(parent, name, st)
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
@@ -465,6 +440,7 @@ class CowTree:
         if breaking.is_temp_name(name):
             raise OSError(errno.ENOENT, "reserved name")
         os.rmdir(name, dir_fd=parent.fd)
+        parent.listing = None
 
     def rename(self, old_ino: int, old: bytes, new_ino: int, new: bytes, flags: int) -> None:
         src_dir, dst_dir = self.node(old_ino), self.node(new_ino)
@@ -474,6 +450,7 @@ class CowTree:
         src_st = os.stat(old, dir_fd=src_dir.fd, follow_symlinks=False)
         dst_st = self._stat_or_none(dst_dir, new)
         renameat2(src_dir.fd, old, dst_dir.fd, new, flags)
+        src_dir.listing = dst_dir.listing = None
         moved = self.by_key.get(key_of(src_st))
         if flags & 2:  # RENAME_EXCHANGE: both names stay, swapped
             other = None if dst_st is None else self.by_key.get(key_of(dst_st))
@@ -496,6 +473,7 @@ class CowTree:
         self._check_new_name(name)
         await self.make_private(node)
         link_fd(node.fd, parent.fd, name)
+        parent.listing = None
         node.names.add((parent.ino, name))
         node.lookups += 1
         return node, os.fstat(node.fd)
@@ -503,7 +481,6 @@ class CowTree:
     async def setattr(
         self,
         ino: int,
-        fh: int | None,
         *,
         size: int | None = None,
         mode: int | None = None,
@@ -524,12 +501,8 @@ class CowTree:
             if atime_ns in (None, cur.st_atime_ns) and mtime_ns in (None, cur.st_mtime_ns):
                 return cur
         await self.make_private(node)
-        h = self.handles.get(fh) if fh is not None else None
         if size is not None:
-            if isinstance(h, Handle):
-                os.ftruncate(h.fd, size)
-            else:
-                os.truncate(proc_fd(node.fd), size)
+            os.ftruncate(self.io(node, True), size)
         if buid is not None or bgid is not None:
             chown_fd(node.fd, -1 if buid is None else buid, -1 if bgid is None else bgid)
         if mode is not None and node.kind != stat.S_IFLNK:
@@ -538,92 +511,70 @@ class CowTree:
             utimens_fd(node.fd, atime_ns, mtime_ns)
         return os.fstat(node.fd)
 
-    # -- files --------------------------------------------------------
+    # -- file data ------------------------------------------------------
 
-    # The kernel owns O_APPEND and page-cache coherence under writeback
-    # caching, and may read a file the caller opened write-only.
-    writeback = True
+    def io(self, node: Node, write: bool) -> int:
+        """The fd for node's data.  Read-only until a write needs more: an
+        O_RDWR open of a running executable would fail with ETXTBSY."""
+        if node.io_fd >= 0 and (node.io_rw or not write):
+            return node.io_fd
+        fd = os.open(proc_fd(node.fd), (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        self._close_io(node)
+        node.io_fd, node.io_rw = fd, write
+        return fd
 
-    def _io_flags(self, flags: int) -> int:
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
-        if self.writeback:
-            flags &= ~os.O_APPEND
-            if flags & os.O_ACCMODE == os.O_WRONLY:
-                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
-        return flags | os.O_CLOEXEC
+    def read(self, ino: int, off: int, size: int) -> bytes:
+        return os.pread(self.io(self.node(ino), False), size, off)
 
-    def _new_handle(self, fd: int, node: Node, flags: int) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = Handle(fd, node, self._io_flags(flags))
-        node.handles.add(fh)
-        return fh
-
-    async def open(self, ino: int, flags: int) -> int:
+    async def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
         node = self.node(ino)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            await self.make_private(node)
-        fd = os.open(proc_fd(node.fd), self._io_flags(flags))
-        return self._new_handle(fd, node, flags)
+        await self.make_private(node)
+        return os.pwrite(self.io(node, True), data, off)
 
-    def file(self, fh: int) -> Handle:
-        h = self.handles.get(fh)
-        if not isinstance(h, Handle):
-            raise OSError(errno.EBADF, "bad file handle")
-        return h
-
-    def release(self, fh: int) -> None:
-        h = self.handles.pop(fh, None)
-        if isinstance(h, Handle):
-            os.close(h.fd)
-            h.node.handles.discard(fh)
-            self._maybe_drop(h.node)
-
-    # -- directories ----------------------------------------------------
-
-    def opendir(self, ino: int) -> int:
+    async def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
         node = self.node(ino)
+        await self.make_private(node)
+        fallocate(self.io(node, True), mode, off, length)
+
+    def fsync(self, ino: int, datasync: bool) -> None:
+        node = self.node(ino)
+        if node.kind == stat.S_IFREG:
+            fd = self.io(node, False)
+            (os.fdatasync if datasync else os.fsync)(fd)
+            return
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
-        try:
-            with os.scandir(fd) as it:
-                names = [os.fsencode(e.name) for e in it]
-        finally:
-            os.close(fd)
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = DirHandle(node, [b".", b".."] + [n for n in names if not breaking.is_temp_name(n)])
-        return fh
-
-    def dir_entries(self, fh: int, start: int) -> Iterator[tuple[int, bytes, Node, os.stat_result, bool]]:
-        """Entries from index start on, with whether the kernel counts a lookup
-        for it (it does not for "." and ".."); the caller does the counting."""
-        h = self.handles.get(fh)
-        if not isinstance(h, DirHandle):
-            raise OSError(errno.EBADF, "bad directory handle")
-        for i in range(start, len(h.names)):
-            name = h.names[i]
-            if i < 2:
-                node = h.node if i == 0 else self.nodes.get(h.node.parent, h.node)
-                yield i + 1, name, node, os.fstat(node.fd), False
-                continue
-            try:
-                node, st = self._child(h.node, name)
-            except FileNotFoundError:  # removed since opendir
-                continue
-            yield i + 1, name, node, st, True
-
-    def releasedir(self, fh: int) -> None:
-        self.handles.pop(fh, None)
-
-    def fsyncdir(self, fh: int) -> None:
-        h = self.handles.get(fh)
-        if not isinstance(h, DirHandle):
-            raise OSError(errno.EBADF, "bad directory handle")
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=h.node.fd)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    # -- directories ----------------------------------------------------
+
+    def readdir(self, ino: int, offset: int) -> Iterator[tuple[int, bytes, Node, os.stat_result, bool]]:
+        """Entries from offset on, with the offset of the next, and whether
+        the kernel counts a lookup for it (not for "." and ".."); the caller
+        does the counting for what it hands out."""
+        node = self.node(ino)
+        if offset == 0 or node.listing is None:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+            try:
+                with os.scandir(fd) as it:
+                    names = [os.fsencode(e.name) for e in it]
+            finally:
+                os.close(fd)
+            node.listing = [b".", b".."] + [n for n in names if not breaking.is_temp_name(n)]
+        listing = node.listing
+        for i in range(offset, len(listing)):
+            name = listing[i]
+            if i < 2:
+                other = node if i == 0 else self.nodes.get(node.parent, node)
+                yield i + 1, name, other, os.fstat(other.fd), False
+                continue
+            try:
+                child, st = self._child(node, name)
+            except FileNotFoundError:  # removed since the listing was taken
+                continue
+            yield i + 1, name, child, st, True
 
     def drop_if_unused(self, node: Node) -> None:
         self._maybe_drop(node)

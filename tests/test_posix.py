@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import Guest, cowfs
 
+from cowfs.sys import fallocate
+
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -134,8 +136,10 @@ def test_statfs_fsync_fallocate_and_long_names(guest: Guest) -> None:
     os.write(fd, b"data")
     os.fsync(fd)
     os.fdatasync(fd)
-    os.posix_fallocate(fd, 0, 1 << 20)  # glibc falls back to writes if FUSE lacks fallocate
+    os.posix_fallocate(fd, 0, 1 << 20)
     assert os.fstat(fd).st_size == 1 << 20
+    fallocate(fd, 0x01 | 0x02, 0, 1 << 20)  # FALLOC_FL_PUNCH_HOLE | KEEP_SIZE
+    assert os.fstat(fd).st_size == 1 << 20 and os.pread(fd, 4, 0) == bytes(4)
     os.close(fd)
     with pytest.raises(OSError) as e:
         os.open(guest.mnt / ("n" * 256), os.O_CREAT | os.O_WRONLY)

@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from vctx.debian import minbase
+
 VENV_BIN = Path(sys.executable).parent
 COWFS = str(VENV_BIN / "cowfs")
-CACHE = Path(os.environ.get("VCTX_CACHE", "/var/cache/vctx"))
 
 
 def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -25,20 +26,8 @@ def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
 
 
 def debian_template(dest: Path) -> str:
-    """A debootstrapped Debian bookworm (minbase), cached between runs."""
-    cached = CACHE / "bookworm-minbase"
-    if not (cached / "etc/debian_version").exists():
-        print(f"building a Debian bookworm minbase tree with debootstrap into {cached} (once) ...", flush=True)
-        tmp = CACHE / "bookworm-minbase.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["debootstrap", "--variant=minbase", "bookworm", str(tmp), "http://deb.debian.org/debian"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        tmp.rename(cached)
-    run("cp", "-a", str(cached), str(dest))
+    print("Debian bookworm minbase from the cache (debootstrapped on first use) ...", flush=True)
+    run("cp", "-a", str(minbase("bookworm")), str(dest))
     return "Debian bookworm (debootstrap minbase)"
 
 

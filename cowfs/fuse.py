@@ -1,0 +1,283 @@
+"""The FUSE kernel protocol on /dev/fuse, served from a trio loop.
+
+Why not a binding: the levers that keep Python off the hot path are
+negotiated in INIT and in how OPEN and OPENDIR are answered.  Answering them
+ENOSYS makes the kernel stop sending them for good and cache file pages and
+whole directory listings itself (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR);
+FUSE_CACHE_SYMLINKS caches link targets; FLUSH answered ENOSYS stops a
+request per close.  A warm tree is then served by the kernel alone.  pyfuse3
+(3.5, on libfuse 3.14) negotiates none of these and hands read and readdir
+handlers a file handle but never the inode, so they cannot be used there.
+
+Layouts follow <linux/fuse.h>, protocol 7.38; the kernel speaks the lower of
+its version and ours.  Handlers receive the request header and body and
+return the reply payload, or raise OSError; an errno goes back to the caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+log = logging.getLogger("cowfs")
+
+MAJOR, MINOR = 7, 38
+
+# opcodes
+LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
+MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE = 8, 9, 10, 11, 12, 13, 14, 15, 16
+STATFS, RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, FLUSH = 17, 18, 20, 21, 22, 23, 24, 25
+INIT, OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, ACCESS, CREATE, INTERRUPT = 26, 27, 28, 29, 30, 34, 35, 36
+DESTROY, BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2 = 38, 42, 43, 44, 45
+
+# INIT flags
+ASYNC_READ = 1 << 0
+BIG_WRITES = 1 << 5
+DONT_MASK = 1 << 6
+DO_READDIRPLUS = 1 << 13
+ASYNC_DIO = 1 << 15
+WRITEBACK_CACHE = 1 << 16
+PARALLEL_DIROPS = 1 << 18
+POSIX_ACL = 1 << 20
+ABORT_ERROR = 1 << 21
+MAX_PAGES = 1 << 22
+CACHE_SYMLINKS = 1 << 23
+INIT_EXT = 1 << 30
+
+# SETATTR valid bits
+FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
+FATTR_ATIME, FATTR_MTIME, FATTR_FH, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 16, 32, 64, 128, 256
+
+IN_HEADER = struct.Struct("<IIQQIIIHH")
+OUT_HEADER = struct.Struct("<IiQ")
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
+ENTRY_HEAD = struct.Struct("<QQQQII")
+ATTR_OUT_HEAD = struct.Struct("<QII")
+INIT_IN = struct.Struct("<IIIII")
+INIT_OUT = struct.Struct("<IIIIHHIIHHI7I")
+FORGET_IN = struct.Struct("<Q")
+BATCH_FORGET_IN = struct.Struct("<II")
+FORGET_ONE = struct.Struct("<QQ")
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+MKNOD_IN = struct.Struct("<IIII")
+MKDIR_IN = struct.Struct("<II")
+RENAME_IN = struct.Struct("<Q")
+RENAME2_IN = struct.Struct("<QII")
+LINK_IN = struct.Struct("<Q")
+READ_IN = struct.Struct("<QQIIQII")
+WRITE_IN = struct.Struct("<QQIIQII")
+WRITE_OUT = struct.Struct("<II")
+STATFS_OUT = struct.Struct("<QQQQQIIII6I")
+SETXATTR_IN = struct.Struct("<II")
+GETXATTR_IN = struct.Struct("<II")
+GETXATTR_OUT = struct.Struct("<II")
+FSYNC_IN = struct.Struct("<QII")
+FALLOCATE_IN = struct.Struct("<QQQII")
+DIRENT_HEAD = struct.Struct("<QQII")
+NOTIFY_INVAL_ENTRY = struct.Struct("<QII")
+NOTIFY_INVAL_INODE = struct.Struct("<Qqq")
+
+MAX_WRITE = 1 << 20
+MAX_PAGES_N = MAX_WRITE // 4096
+BUFSIZE = MAX_WRITE + 4096 * 2
+TIMEOUT_S = 86400  # entry and attribute validity (see fs.py)
+
+NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
+
+
+@dataclass(frozen=True)
+class Request:
+    opcode: int
+    unique: int
+    nodeid: int
+    uid: int
+    gid: int
+    pid: int
+
+
+def cstr(body: memoryview, start: int = 0) -> tuple[bytes, int]:
+    """A NUL-terminated name in body at start, and the offset after it."""
+    raw = body[start:].tobytes()
+    end = raw.index(b"\0")
+    return raw[:end], start + end + 1
+
+
+def pack_attr(ino: int, st: os.stat_result, nlink: int, uid: int, gid: int) -> bytes:
+    return ATTR.pack(
+        ino,
+        st.st_size,
+        st.st_blocks,
+        st.st_atime_ns // 1_000_000_000,
+        st.st_mtime_ns // 1_000_000_000,
+        st.st_ctime_ns // 1_000_000_000,
+        st.st_atime_ns % 1_000_000_000,
+        st.st_mtime_ns % 1_000_000_000,
+        st.st_ctime_ns % 1_000_000_000,
+        st.st_mode,
+        nlink,
+        uid,
+        gid,
+        st.st_rdev & 0xFFFFFFFF,
+        st.st_blksize,
+        0,
+    )
+
+
+def pack_entry(nodeid: int, attr: bytes, timeout: int = TIMEOUT_S) -> bytes:
+    return ENTRY_HEAD.pack(nodeid, 0, timeout, timeout, 0, 0) + attr
+
+
+def pack_attr_out(attr: bytes) -> bytes:
+    return ATTR_OUT_HEAD.pack(TIMEOUT_S, 0, 0) + attr
+
+
+def pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+Handler = Callable[[Request, memoryview], bytes | None]
+AsyncHandler = Callable[[Request, memoryview], Awaitable[bytes | None]]
+
+
+class Session:
+    """One mounted FUSE connection: reads requests, dispatches, replies.
+
+    Synchronous handlers run inline, one request at a time: they never
+    schedule, so each is atomic.  A handler that may block (a link break
+    copies data in a thread) is given to `slow`, which decides per request
+    whether it must run as its own task.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        handlers: dict[int, Handler],
+        slow: dict[int, tuple[Callable[[Request, memoryview], bool], AsyncHandler]],
+        init_flags: int,
+    ) -> None:
+        self.fd = fd
+        self.handlers = handlers
+        self.slow = slow
+        self.want = init_flags
+        self.proto_minor = 0
+        self.flags = 0
+        self.destroyed = False
+
+    # -- replies --------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        try:
+            os.write(self.fd, data)
+        except OSError as e:
+            # ENOENT: the request was interrupted and the kernel dropped it.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+
+    def reply(self, unique: int, payload: bytes = b"") -> None:
+        self._write(OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique) + payload)
+
+    def reply_err(self, unique: int, err: int) -> None:
+        self._write(OUT_HEADER.pack(OUT_HEADER.size, -err, unique))
+
+    def notify(self, code: int, payload: bytes) -> None:
+        """Unsolicited message (unique 0, error = notify code)."""
+        self._write(OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0) + payload)
+
+    def inval_entry(self, parent: int, name: bytes) -> None:
+        self.notify(3, NOTIFY_INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0")
+
+    def inval_inode(self, ino: int) -> None:
+        self.notify(2, NOTIFY_INVAL_INODE.pack(ino, 0, -1))
+
+    # -- the loop -------------------------------------------------------
+
+    def _init(self, req: Request, body: memoryview) -> bytes:
+        major, minor, max_readahead, flags, flags2 = INIT_IN.unpack_from(body)
+        if major != MAJOR:
+            raise OSError(errno.EPROTO, f"kernel speaks FUSE {major}.{minor}, we speak {MAJOR}.{MINOR}")
+        self.proto_minor = min(minor, MINOR)
+        offered = flags | (flags2 << 32 if flags & INIT_EXT else 0)
+        self.flags = offered & self.want
+        log.debug("FUSE %d.%d, flags offered %#x, taken %#x", major, minor, offered, self.flags)
+        return INIT_OUT.pack(
+            MAJOR,
+            MINOR,
+            max_readahead,
+            self.flags & 0xFFFFFFFF,
+            64,  # max_background
+            48,  # congestion_threshold
+            MAX_WRITE,
+            1,  # time_gran: nanoseconds
+            MAX_PAGES_N,
+            0,
+            self.flags >> 32,
+            *([0] * 7),
+        )
+
+    def _dispatch(self, nursery: trio.Nursery, data: bytes) -> None:
+        body = memoryview(data)
+        _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = IN_HEADER.unpack_from(body)
+        req = Request(opcode, unique, nodeid, uid, gid, pid)
+        body = body[IN_HEADER.size :]
+        if opcode == INIT:
+            self._run(req, body, self._init)
+            return
+        if opcode == DESTROY:
+            self.destroyed = True
+            self.reply(unique)
+            return
+        slow = self.slow.get(opcode)
+        if slow is not None and slow[0](req, body):
+            nursery.start_soon(self._run_async, req, bytes(body), slow[1])
+            return
+        handler = self.handlers.get(opcode)
+        if handler is None:
+            if opcode not in NO_REPLY:
+                self.reply_err(unique, errno.ENOSYS)
+            return
+        self._run(req, body, handler)
+
+    def _run(self, req: Request, body: memoryview, handler: Handler) -> None:
+        try:
+            out = handler(req, body)
+        except OSError as e:
+            if req.opcode not in NO_REPLY:
+                self.reply_err(req.unique, e.errno or errno.EIO)
+            return
+        if req.opcode not in NO_REPLY:
+            self.reply(req.unique, out or b"")
+
+    async def _run_async(self, req: Request, body: bytes, handler: AsyncHandler) -> None:
+        try:
+            out = await handler(req, memoryview(body))
+        except OSError as e:
+            self.reply_err(req.unique, e.errno or errno.EIO)
+            return
+        self.reply(req.unique, out or b"")
+
+    async def serve(self) -> None:
+        """Until the kernel says the mount is gone (ENODEV) or DESTROY."""
+        os.set_blocking(self.fd, False)
+        async with trio.open_nursery() as nursery:
+            while not self.destroyed:
+                try:
+                    data = os.read(self.fd, BUFSIZE)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.fd)
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ENODEV:  # unmounted
+                        break
+                    if e.errno in (errno.EINTR, errno.ENOENT):
+                        continue
+                    raise
+                self._dispatch(nursery, data)
+                if nursery.child_tasks:  # let slow requests' tasks make progress
+                    await trio.sleep(0)
+            nursery.cancel_scope.cancel()
