@@ -36,6 +36,7 @@ class MountOptions:
     dev: bool = False
     log_file: str | None = None
     debug: bool = False
+    fd_budget: int | None = None  # fds for cached inodes; None: from RLIMIT_NOFILE
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,9 @@ def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | Non
             os.close(ready_fd)
 
     try:
-        raise_nofile_limit()
-        tree = CowTree(backing, opts.idmap)
+        limit = raise_nofile_limit()
+        budget = opts.fd_budget or max(64, min(limit - 1024, 1 << 16))
+        tree = CowTree(backing, opts.idmap, fd_budget=budget)
         tree.scan()
         fs = CowFS(tree)
         fuse_fd = _open_fuse(backing, mountpoint, opts)

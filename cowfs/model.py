@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -27,7 +28,17 @@ import trio
 
 from . import breaking, mark
 from .idmap import ACL_XATTRS, IdMap
-from .sys import O_PATH_NOFOLLOW, chown_fd, fallocate, link_fd, proc_fd, renameat2, utimens_fd
+from .sys import (
+    O_PATH_NOFOLLOW,
+    chown_fd,
+    fallocate,
+    link_fd,
+    name_to_handle,
+    open_by_handle,
+    proc_fd,
+    renameat2,
+    utimens_fd,
+)
 
 ROOT = 1
 # Inode numbers we hand out when the backing number is taken: above any
@@ -41,10 +52,47 @@ def key_of(st: os.stat_result) -> Key:
     return (st.st_dev, st.st_ino)
 
 
+class FdCache:
+    """Open fds for inodes, bounded: a node's O_PATH fd (and its data fd) is
+    closed when it falls off the end of an LRU, and reopened from its file
+    handle when next needed.  The daemon must not depend on RLIMIT_NOFILE
+    being larger than the number of inodes the kernel caches."""
+
+    def __init__(self, mount_fd: int, capacity: int) -> None:
+        self.mount_fd = mount_fd  # any fd on the backing filesystem
+        self.capacity = capacity
+        self.lru: OrderedDict[int, Node] = OrderedDict()
+
+    def reopen(self, node: Node) -> int:
+        assert node.handle is not None
+        return open_by_handle(self.mount_fd, node.handle, O_PATH_NOFOLLOW)
+
+    def admit(self, node: Node) -> None:
+        if node.handle is None or node.ino == ROOT:
+            return  # pinned: it cannot be reopened
+        self.lru[id(node)] = node
+        self.lru.move_to_end(id(node))
+        skipped = 0
+        while len(self.lru) > self.capacity and skipped < len(self.lru):
+            _, old = self.lru.popitem(last=False)
+            if old.busy:
+                self.lru[id(old)] = old
+                skipped += 1
+                continue
+            old.close_fds()
+
+    def touch(self, node: Node) -> None:
+        if id(node) in self.lru:
+            self.lru.move_to_end(id(node))
+
+    def discard(self, node: Node) -> None:
+        self.lru.pop(id(node), None)
+
+
 @dataclass(eq=False)
 class Node:
     ino: int
-    fd: int  # O_PATH on the backing inode
+    _fd: int  # O_PATH on the backing inode, or -1 while evicted
     key: Key
     kind: int  # stat.S_IFMT
     marked: bool = False
@@ -61,6 +109,27 @@ class Node:
     # dropped whenever we change the directory.
     listing: list[bytes] | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
+    handle: bytes | None = None  # to reopen the inode after eviction
+    cache: FdCache | None = None
+    busy: bool = False  # a link break holds its fds across an await
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            assert self.cache is not None
+            self._fd = self.cache.reopen(self)
+            self.cache.admit(self)
+        elif self.cache is not None:
+            self.cache.touch(self)
+        return self._fd
+
+    def close_fds(self) -> None:
+        if self.io_fd >= 0:
+            os.close(self.io_fd)
+            self.io_fd, self.io_rw = -1, False
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 @dataclass
@@ -101,13 +170,17 @@ def _walk_dirs(root_fd: int) -> Iterator[tuple[int, os.stat_result, list[os.DirE
 class CowTree:
     """A guest's backing tree as the guest sees it."""
 
-    def __init__(self, backing: str, idmap: IdMap | None = None) -> None:
+    def __init__(self, backing: str, idmap: IdMap | None = None, fd_budget: int = 8192) -> None:
         self.idmap = idmap or IdMap()
         self.stats = Stats()
         root_fd = os.open(backing, O_PATH_NOFOLLOW | os.O_DIRECTORY)
         st = os.fstat(root_fd)
+        # open_by_handle_at wants a real (not O_PATH) fd on the filesystem
+        self.mount_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+        # Each cached node may hold two fds (path and data).
+        self.fds = FdCache(self.mount_fd, max(16, fd_budget // 2))
         self.dev = st.st_dev
-        root = Node(ROOT, root_fd, key_of(st), stat.S_IFDIR, lookups=1)
+        root = Node(ROOT, root_fd, key_of(st), stat.S_IFDIR, lookups=1, cache=self.fds)
         self.nodes: dict[int, Node] = {ROOT: root}
         self.by_key: dict[Key, Node] = {root.key: root}
         # Backing keys of regular files with other than one name inside this
@@ -145,9 +218,9 @@ class CowTree:
     def destroy(self) -> None:
         """Forget everything (unmount): close every fd we hold."""
         for node in self.nodes.values():
-            self._close_io(node)
-            os.close(node.fd)
+            node.close_fds()
         self.nodes.clear()
+        os.close(self.mount_fd)
         self.by_key.clear()
 
     # -- the inode table ----------------------------------------------
@@ -181,9 +254,10 @@ class CowTree:
             return existing
         kind = stat.S_IFMT(st.st_mode)
         marked = kind == stat.S_IFREG and not fresh and mark.is_marked(fd=fd)
-        node = Node(self._number_for(k), fd, k, kind, marked)
+        node = Node(self._number_for(k), fd, k, kind, marked, handle=name_to_handle(fd, b""), cache=self.fds)
         self.nodes[node.ino] = node
         self.by_key[k] = node
+        self.fds.admit(node)
         return node
 
     def _child(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
@@ -222,8 +296,8 @@ class CowTree:
             del self.nodes[node.ino]
             if self.by_key.get(node.key) is node:
                 del self.by_key[node.key]
-            self._close_io(node)
-            os.close(node.fd)
+            self.fds.discard(node)
+            node.close_fds()
 
     def _close_io(self, node: Node) -> None:
         if node.io_fd >= 0:
@@ -310,16 +384,25 @@ class CowTree:
             await self._break(node, in_tree)
 
     async def _break(self, node: Node, in_tree: int) -> None:
+        node.busy = True  # its fd is used across the await below
+        try:
+            await self._break_busy(node, in_tree)
+        finally:
+            node.busy = False
+
+    async def _break_busy(self, node: Node, in_tree: int) -> None:
         known = self._valid_names(node)
-        owned: list[int] = []
+        # Own every directory fd used across the await below (dups: the
+        # parents' fds could be evicted meanwhile).  Names never looked up are
+        # found by a scan (rare: a hard-link group).
         if len(known) >= in_tree:
-            targets = [(p.fd, n) for p, n in known]
-        else:  # some names never looked up: find them (rare; a hard-link group)
+            targets = [(os.dup(p.fd), n) for p, n in known]
+        else:
             targets = self._names_by_scan(node.key)
-            owned = [fd for fd, _ in targets]
+        owned = [fd for fd, _ in targets]
         try:
             # An open but unlinked file has no name: the copy stays anonymous.
-            where = targets[0][0] if targets else self.nodes[ROOT].fd
+            where = targets[0][0] if targets else self.nodes[ROOT].fd  # the root is pinned
             tmp = await trio.to_thread.run_sync(breaking.make_copy, where, node.fd)
             try:
                 for dir_fd, name in targets:
@@ -334,9 +417,12 @@ class CowTree:
         self.stats.breaks += 1
 
     def _rebind(self, node: Node, new_fd: int) -> None:
-        old_key, old_fd = node.key, node.fd
-        node.fd = new_fd
+        old_key = node.key
+        node.close_fds()  # reads and writes move to the copy
+        node._fd = new_fd
+        node.handle = name_to_handle(new_fd, b"")
         node.key = key_of(os.fstat(new_fd))
+        self.fds.admit(node)
         node.marked = False
         if self.by_key.get(old_key) is node:
             del self.by_key[old_key]
@@ -344,8 +430,6 @@ class CowTree:
         self.tree_links.pop(old_key, None)
         self.renumbered[node.key] = node.ino
         self.reserved.add(node.ino)
-        os.close(old_fd)
-        self._close_io(node)  # reads and writes move to the copy
 
     # -- operations -----------------------------------------------------------
 
@@ -516,9 +600,10 @@ class CowTree:
     def io(self, node: Node, write: bool) -> int:
         """The fd for node's data.  Read-only until a write needs more: an
         O_RDWR open of a running executable would fail with ETXTBSY."""
+        path_fd = node.fd  # reopens an evicted node (and its io fd with it)
         if node.io_fd >= 0 and (node.io_rw or not write):
             return node.io_fd
-        fd = os.open(proc_fd(node.fd), (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        fd = os.open(proc_fd(path_fd), (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
         self._close_io(node)
         node.io_fd, node.io_rw = fd, write
         return fd

@@ -61,6 +61,21 @@ _mount = _libc.mount
 _mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 _mount.restype = ctypes.c_int
 
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int), ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_FileHandle), ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_name_to_handle_at.restype = ctypes.c_int
+
+_open_by_handle_at = _libc.open_by_handle_at
+_open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(_FileHandle), ctypes.c_int]
+_open_by_handle_at.restype = ctypes.c_int
+
 _umount2 = _libc.umount2
 _umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _umount2.restype = ctypes.c_int
@@ -134,6 +149,32 @@ def copy_data(dst_fd: int, src_fd: int, size: int) -> None:
         if n == 0:  # the source shrank under us; what we copied is what there is
             break
         off += n
+
+
+def name_to_handle(dir_fd: int, name: bytes) -> bytes | None:
+    """The file handle of dir_fd/name (not following a symlink): the handle
+    type, then its bytes.  None where the filesystem cannot export handles."""
+    fh = _FileHandle()
+    fh.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    flags = AT_EMPTY_PATH if name == b"" else 0
+    if _name_to_handle_at(dir_fd, name, ctypes.byref(fh), ctypes.byref(mount_id), flags) == -1:
+        if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return None
+        _check(-1, "name_to_handle_at", name)
+    return int(fh.handle_type).to_bytes(4, "little", signed=True) + bytes(fh.f_handle[: fh.handle_bytes])
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """Open an inode by its handle (needs CAP_DAC_READ_SEARCH)."""
+    fh = _FileHandle()
+    fh.handle_type = int.from_bytes(handle[:4], "little", signed=True)
+    data = handle[4:]
+    fh.handle_bytes = len(data)
+    ctypes.memmove(fh.f_handle, data, len(data))
+    fd = _open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    _check(fd, "open_by_handle_at", "file handle")
+    return int(fd)
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:

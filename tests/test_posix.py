@@ -244,3 +244,21 @@ def test_attr_commands(template: Path) -> None:
     res = cowfs("attr", "set", "--iunlink", str(template / "etc"), check=False)
     assert res.returncode != 0 and "only regular files" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_more_inodes_than_fds(mount_guest: Callable[..., Guest]) -> None:
+    """With room for 16 cached inodes' fds, a guest still walks, writes and
+    breaks links across hundreds: evicted inodes are reopened by handle."""
+    g = mount_guest("tight", "--fd-budget", "32")
+    for i in range(300):
+        (g.mnt / f"f{i}").write_text(str(i))
+    os.mkdir(g.mnt / "d")
+    for i in range(300):
+        os.rename(g.mnt / f"f{i}", g.mnt / "d" / f"f{i}")
+    assert sorted(os.listdir(g.mnt / "d"), key=lambda n: int(n[1:])) == [f"f{i}" for i in range(300)]
+    assert all((g.mnt / "d" / f"f{i}").read_text() == str(i) for i in range(300))
+    for rel in ("etc/hostname", "etc/passwd", "usr/share/doc/README", "bin/true"):
+        with open(g.mnt / rel, "ab") as f:
+            f.write(b"!")
+    assert (g.mnt / "usr/share/doc/README.hardlink").read_bytes().endswith(b"!")
+    assert (g.mnt / "etc/hostname").read_text() == "template\n!"
