@@ -158,6 +158,18 @@ def _open_fuse(backing: str, mountpoint: str, opts: MountOptions) -> int:
     return fds[0]
 
 
+READAHEAD_KB = 1024
+
+
+def _raise_readahead(dev: str) -> None:
+    """Let sequential reads reach us as 1 MiB requests, not 128 KiB ones
+    (the kernel's default readahead for a FUSE connection)."""
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(str(READAHEAD_KB))
+    except OSError as e:  # not fatal: only slower cold reads
+        log.warning("cannot raise readahead of %s: %s", dev, e)
+
+
 def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | None) -> None:
     """Mount and serve until unmounted; tell ready_fd "ok" or the error."""
     import trio
@@ -182,6 +194,8 @@ def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | Non
         tell(f"E{errors.DaemonFailed.exit_code} cannot mount {mountpoint}: {e}")
         raise SystemExit(1) from None
     entry = find_mount(mountpoint)
+    if entry is not None:
+        _raise_readahead(entry.dev)
     state = _state_file(entry.dev) if entry else None
     if state is not None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)

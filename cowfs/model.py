@@ -68,8 +68,8 @@ class FdCache:
         return open_by_handle(self.mount_fd, node.handle, O_PATH_NOFOLLOW)
 
     def admit(self, node: Node) -> None:
-        if node.handle is None or node.ino == ROOT:
-            return  # pinned: it cannot be reopened
+        if node.ino == ROOT or node.pinned:
+            return
         self.lru[id(node)] = node
         self.lru.move_to_end(id(node))
         skipped = 0
@@ -78,6 +78,11 @@ class FdCache:
             if old.busy:
                 self.lru[id(old)] = old
                 skipped += 1
+                continue
+            # The handle is taken only now, on eviction: most nodes never are.
+            old.handle = name_to_handle(old._fd, b"") if old.handle is None else old.handle
+            if old.handle is None:  # the filesystem cannot export handles
+                old.pinned = True
                 continue
             old.close_fds()
 
@@ -108,10 +113,18 @@ class Node:
     # Directories: the listing readdir offsets index, taken at offset 0 and
     # dropped whenever we change the directory.
     listing: list[bytes] | None = None
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    _lock: trio.Lock | None = None
     handle: bytes | None = None  # to reopen the inode after eviction
     cache: FdCache | None = None
     busy: bool = False  # a link break holds its fds across an await
+    pinned: bool = False  # no handle can be had: never evicted
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Serialises link breaks of this inode; made on first need."""
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
 
     @property
     def fd(self) -> int:
@@ -254,7 +267,7 @@ class CowTree:
             return existing
         kind = stat.S_IFMT(st.st_mode)
         marked = kind == stat.S_IFREG and not fresh and mark.is_marked(fd=fd)
-        node = Node(self._number_for(k), fd, k, kind, marked, handle=name_to_handle(fd, b""), cache=self.fds)
+        node = Node(self._number_for(k), fd, k, kind, marked, cache=self.fds)
         self.nodes[node.ino] = node
         self.by_key[k] = node
         self.fds.admit(node)
@@ -420,7 +433,7 @@ class CowTree:
         old_key = node.key
         node.close_fds()  # reads and writes move to the copy
         node._fd = new_fd
-        node.handle = name_to_handle(new_fd, b"")
+        node.handle = None
         node.key = key_of(os.fstat(new_fd))
         self.fds.admit(node)
         node.marked = False
