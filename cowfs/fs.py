@@ -43,6 +43,12 @@ class CowFS:
     def _entry(self, node: Node, st: os.stat_result) -> bytes:
         return fuse.pack_entry(node.ino, self._attr(node, st))
 
+    @staticmethod
+    def _dirent(node: Node, st: os.stat_result, name: bytes, next_off: int) -> bytes:
+        """A struct fuse_dirent, padded to 8 bytes."""
+        head = fuse.DIRENT_HEAD.pack(node.ino, next_off, len(name), stat.S_IFMT(st.st_mode) >> 12)
+        return head + name + bytes(fuse.pad8(len(head) + len(name)) - len(head) - len(name))
+
     # -- the tables the session dispatches on ----------------------------
 
     def handlers(self) -> dict[int, fuse.Handler]:
@@ -266,14 +272,12 @@ class CowFS:
         _fh, offset, size, *_ = fuse.READ_IN.unpack_from(body)
         out = bytearray()
         for next_off, name, node, st, counted in self.tree.readdir(req.nodeid, offset):
-            rec = fuse.ENTRY_HEAD.size + fuse.ATTR.size + fuse.DIRENT_HEAD.size
-            reclen = fuse.pad8(rec + len(name))
-            if len(out) + reclen > size:
+            dirent = self._dirent(node, st, name, next_off)
+            if len(out) + fuse.ENTRY_HEAD.size + fuse.ATTR.size + len(dirent) > size:
                 self.tree.drop_if_unused(node)
                 break
             out += self._entry(node, st)
-            out += fuse.DIRENT_HEAD.pack(node.ino, next_off, len(name), stat.S_IFMT(st.st_mode) >> 12)
-            out += name + bytes(reclen - rec - len(name))
+            out += dirent
             if counted:
                 node.lookups += 1  # the kernel counts a lookup for each entry
         return bytes(out)
@@ -282,13 +286,11 @@ class CowFS:
         _fh, offset, size, *_ = fuse.READ_IN.unpack_from(body)
         out = bytearray()
         for next_off, name, node, st, _counted in self.tree.readdir(req.nodeid, offset):
-            reclen = fuse.pad8(fuse.DIRENT_HEAD.size + len(name))
-            if len(out) + reclen > size:
-                self.tree.drop_if_unused(node)
+            dirent = self._dirent(node, st, name, next_off)
+            self.tree.drop_if_unused(node)  # plain entries count no lookup
+            if len(out) + len(dirent) > size:
                 break
-            out += fuse.DIRENT_HEAD.pack(node.ino, next_off, len(name), stat.S_IFMT(st.st_mode) >> 12)
-            out += name + bytes(reclen - fuse.DIRENT_HEAD.size - len(name))
-            self.tree.drop_if_unused(node)
+            out += dirent
         return bytes(out)
 
 

@@ -2,8 +2,9 @@
 the immutable-but-unlinkable policy.  It knows nothing of the FUSE protocol;
 the adapter in ``fs.py`` only translates.
 
-Identity.  Every inode the kernel knows is a `Node` holding an O_PATH fd on
-its backing inode, so nothing is ever resolved by path from the root and no
+Identity.  Every inode the kernel knows is a `Node` reaching its backing
+inode through an O_PATH fd (closed when it falls off a bounded LRU, reopened
+from the inode's file handle), so nothing is ever resolved by path from the root and no
 symlink in the guest's tree is ever followed (every open is one component,
 O_NOFOLLOW, relative to a directory fd).  FUSE inode numbers are ours: a link
 break swaps the backing inode under a Node while the guest keeps its number.
@@ -30,6 +31,7 @@ from . import breaking, mark
 from .idmap import ACL_XATTRS, IdMap
 from .sys import (
     O_PATH_NOFOLLOW,
+    RENAME_EXCHANGE,
     chown_fd,
     fallocate,
     link_fd,
@@ -68,7 +70,7 @@ class FdCache:
         return open_by_handle(self.mount_fd, node.handle, O_PATH_NOFOLLOW)
 
     def admit(self, node: Node) -> None:
-        if node.ino == ROOT or node.pinned:
+        if node.pinned:
             return
         self.lru[id(node)] = node
         self.lru.move_to_end(id(node))
@@ -117,7 +119,7 @@ class Node:
     handle: bytes | None = None  # to reopen the inode after eviction
     cache: FdCache | None = None
     busy: bool = False  # a link break holds its fds across an await
-    pinned: bool = False  # no handle can be had: never evicted
+    pinned: bool = False  # never evicted: the root, or no handle can be had
 
     @property
     def lock(self) -> trio.Lock:
@@ -136,10 +138,13 @@ class Node:
             self.cache.touch(self)
         return self._fd
 
-    def close_fds(self) -> None:
+    def close_io(self) -> None:
         if self.io_fd >= 0:
             os.close(self.io_fd)
             self.io_fd, self.io_rw = -1, False
+
+    def close_fds(self) -> None:
+        self.close_io()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -193,7 +198,7 @@ class CowTree:
         # Each cached node may hold two fds (path and data).
         self.fds = FdCache(self.mount_fd, max(16, fd_budget // 2))
         self.dev = st.st_dev
-        root = Node(ROOT, root_fd, key_of(st), stat.S_IFDIR, lookups=1, cache=self.fds)
+        root = Node(ROOT, root_fd, key_of(st), stat.S_IFDIR, lookups=1, cache=self.fds, pinned=True)
         self.nodes: dict[int, Node] = {ROOT: root}
         self.by_key: dict[Key, Node] = {root.key: root}
         # Backing keys of regular files with other than one name inside this
@@ -311,11 +316,6 @@ class CowTree:
                 del self.by_key[node.key]
             self.fds.discard(node)
             node.close_fds()
-
-    def _close_io(self, node: Node) -> None:
-        if node.io_fd >= 0:
-            os.close(node.io_fd)
-            node.io_fd, node.io_rw = -1, False
 
     def stat(self, node: Node) -> os.stat_result:
         return os.fstat(node.fd)
@@ -549,7 +549,7 @@ class CowTree:
         renameat2(src_dir.fd, old, dst_dir.fd, new, flags)
         src_dir.listing = dst_dir.listing = None
         moved = self.by_key.get(key_of(src_st))
-        if flags & 2:  # RENAME_EXCHANGE: both names stay, swapped
+        if flags & RENAME_EXCHANGE:  # both names stay, swapped
             other = None if dst_st is None else self.by_key.get(key_of(dst_st))
             for n, frm, to, to_name in (
                 (moved, (src_dir.ino, old), dst_dir, new),
@@ -617,7 +617,7 @@ class CowTree:
         if node.io_fd >= 0 and (node.io_rw or not write):
             return node.io_fd
         fd = os.open(proc_fd(path_fd), (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
-        self._close_io(node)
+        node.close_io()
         node.io_fd, node.io_rw = fd, write
         return fd
 
