@@ -196,7 +196,12 @@ def main() -> None:
         for d in (f"clone{i}", f"cpal{i}", f"cpa{i}"):
             shutil.rmtree(work / d, ignore_errors=True)
 
-    cs: list[Contender] = [Native("ext4", work, template), Overlay("overlayfs", work, template), FuseOverlay("fuse-overlayfs", work, template), Cowfs("cowfs", work, template)]
+    cs: list[Contender] = [
+        Native("ext4", work, template),
+        Overlay("overlayfs", work, template),
+        FuseOverlay("fuse-overlayfs", work, template),
+        Cowfs("cowfs", work, template),
+    ]
     for c in cs:
         c.fresh()
     cow = cs[3]
@@ -232,7 +237,9 @@ def main() -> None:
         print(f"{name:34} {cells} {med['cowfs'] / med['fuse-overlayfs']:14.2f}x")
     print()
     mc, ma, mcp = statistics.median(clone_t), statistics.median(cpal_t), statistics.median(cpa_t)
-    print(f"cowfs clone {mc * 1000:.0f} ms, cp -al {ma * 1000:.0f} ms, cp -a {mcp * 1000:.0f} ms: clone/cp-al = {mc / ma:.2f}x, cp-a/clone = {mcp / mc:.1f}x")
+    print(
+        f"cowfs clone {mc * 1000:.0f} ms, cp -al {ma * 1000:.0f} ms, cp -a {mcp * 1000:.0f} ms: clone/cp-al = {mc / ma:.2f}x, cp-a/clone = {mcp / mc:.1f}x"
+    )
     print(f"cowfs daemon, idle after mount: PSS {idle_pss / 1024:.1f} MiB")
     print(f"(medians of {args.reps} runs; ratios are to native ext4 unless named)")
     shutil.rmtree(work, ignore_errors=True)

@@ -62,7 +62,12 @@ def main() -> None:
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Daemon log file.")
 @click.option("--debug", is_flag=True, help="Log every request (slow).")
-@click.option("--fd-budget", type=click.IntRange(32, 2**24), default=None, help="Most fds held for cached inodes [default: from RLIMIT_NOFILE].")
+@click.option(
+    "--fd-budget",
+    type=click.IntRange(32, 2**24),
+    default=None,
+    help="Most fds held for cached inodes [default: from RLIMIT_NOFILE].",
+)
 def mount(
     backing: str,
     mountpoint: str,
@@ -84,7 +89,14 @@ def mount(
         g = gid_offset if gid_offset is not None else uid_offset
         assert u is not None and g is not None
         idmap = IdMap(u, g, id_range)
-    opts = MountOptions(idmap=idmap, suid=suid, dev=dev, log_file=log_file and os.path.abspath(log_file), debug=debug, fd_budget=fd_budget)
+    opts = MountOptions(
+        idmap=idmap,
+        suid=suid,
+        dev=dev,
+        log_file=log_file and os.path.abspath(log_file),
+        debug=debug,
+        fd_budget=fd_budget,
+    )
     do_mount(backing, mountpoint, opts, foreground=foreground)
 
 

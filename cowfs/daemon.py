@@ -146,7 +146,9 @@ def _open_fuse(backing: str, mountpoint: str, opts: MountOptions) -> int:
     fsname = backing.replace("\\", "\\\\").replace(",", "\\,")
     o = f"{data},fsname={fsname},subtype=cowfs,{'suid' if opts.suid else 'nosuid'},{'dev' if opts.dev else 'nodev'}"
     env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
-    res = subprocess.run(["fusermount3", "-o", o, "--", mountpoint], env=env, pass_fds=(theirs.fileno(),), capture_output=True, text=True)
+    res = subprocess.run(
+        ["fusermount3", "-o", o, "--", mountpoint], env=env, pass_fds=(theirs.fileno(),), capture_output=True, text=True
+    )
     theirs.close()
     if res.returncode != 0:
         ours.close()

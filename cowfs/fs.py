@@ -38,7 +38,9 @@ class CowFS:
 
     def _attr(self, node: Node, st: os.stat_result) -> bytes:
         idmap = self.tree.idmap
-        return fuse.pack_attr(node.ino, st, self.tree.nlink(node, st), idmap.uid_out(st.st_uid), idmap.gid_out(st.st_gid))
+        return fuse.pack_attr(
+            node.ino, st, self.tree.nlink(node, st), idmap.uid_out(st.st_uid), idmap.gid_out(st.st_gid)
+        )
 
     def _entry(self, node: Node, st: os.stat_result) -> bytes:
         return fuse.pack_entry(node.ino, self._attr(node, st))
@@ -160,7 +162,9 @@ class CowFS:
         return fuse.pack_attr_out(self._attr(node, self.tree.stat(node)))
 
     async def setattr(self, req: Request, body: memoryview) -> bytes:
-        (valid, _, _fh, size, _lo, atime, mtime, _ctime, atimens, mtimens, _cns, mode, _u4, uid, gid, _u5) = fuse.SETATTR_IN.unpack_from(body)
+        (valid, _, _fh, size, _lo, atime, mtime, _ctime, atimens, mtimens, _cns, mode, _u4, uid, gid, _u5) = (
+            fuse.SETATTR_IN.unpack_from(body)
+        )
         now = time.time_ns() if valid & (fuse.FATTR_ATIME_NOW | fuse.FATTR_MTIME_NOW) else 0
         atime_ns = mtime_ns = None
         if valid & fuse.FATTR_ATIME_NOW:
@@ -238,7 +242,18 @@ class CowFS:
 
     def statfs(self, req: Request, body: memoryview) -> bytes:
         sv = self.tree.statfs()
-        return fuse.STATFS_OUT.pack(sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree, sv.f_bsize, sv.f_namemax, sv.f_frsize, 0, *([0] * 6))
+        return fuse.STATFS_OUT.pack(
+            sv.f_blocks,
+            sv.f_bfree,
+            sv.f_bavail,
+            sv.f_files,
+            sv.f_ffree,
+            sv.f_bsize,
+            sv.f_namemax,
+            sv.f_frsize,
+            0,
+            *([0] * 6),
+        )
 
     def fsync(self, req: Request, body: memoryview) -> None:
         _fh, flags, _ = fuse.FSYNC_IN.unpack_from(body)
