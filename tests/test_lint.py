@@ -20,6 +20,16 @@ def test_ruff() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_ruff_format() -> None:
+    res = subprocess.run(
+        [str(BIN / "ruff"), "format", "--check", "cowfs", "vctx", "tests", "tools", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_mypy_strict() -> None:
     res = subprocess.run([str(BIN / "mypy")], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
