@@ -11,11 +11,14 @@ from typing import Any
 import click
 
 from . import __version__, attr, errors
+from . import du as du_mod
+from . import unify as unify_mod
 from .clone import clone as do_clone
 from .daemon import MountOptions
 from .daemon import mount as do_mount
 from .daemon import unmount as do_unmount
 from .idmap import IdMap
+from .progress import human, terminal_progress
 
 
 class _Group(click.Group):
@@ -169,3 +172,114 @@ def attr_set(paths: tuple[str, ...], recursive: bool, iunlink: bool) -> None:
 def attr_clear(paths: tuple[str, ...], recursive: bool, iunlink: bool) -> None:
     """Clear the mark of each PATH."""
     _change(paths, recursive, iunlink, False)
+
+
+def _print_stats(title: str, rows: list[tuple[str, str]]) -> None:
+    click.echo(title)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"  {k:<{width}}  {v}")
+
+
+@main.command()
+@click.argument("trees", nargs=-1, required=True)
+@click.option("--store", help="Content-addressed store [default: .cowfs-store beside the first tree].")
+@click.option("--ignore-mtime", is_flag=True, help="Link files that differ only in mtime.")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN", help="Also skip these paths (repeatable).")
+@click.option("--no-default-excludes", is_flag=True, help="Do not skip /etc, /var, /home, ..., keys and conffiles.")
+@click.option("--min-size", type=click.IntRange(1), default=unify_mod.MIN_SIZE, show_default=True)
+@click.option("--jobs", "-j", type=click.IntRange(0), default=0, help="Hashing threads [default: one per CPU].")
+@click.option("--dry-run", "-n", is_flag=True, help="Report what would be linked; change nothing.")
+@click.option("--revert", is_flag=True, help="Give the trees private copies of everything they share.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def unify(
+    trees: tuple[str, ...],
+    store: str | None,
+    ignore_mtime: bool,
+    excludes: tuple[str, ...],
+    no_default_excludes: bool,
+    min_size: int,
+    jobs: int,
+    dry_run: bool,
+    revert: bool,
+    as_json: bool,
+) -> None:
+    """Replace identical files of stopped guests' TREES by marked links to one inode."""
+    if revert:
+        rs = unify_mod.revert(list(trees), store, dry_run=dry_run)
+        if as_json:
+            click.echo(json.dumps(rs.__dict__))
+            return
+        _print_stats(
+            f"{'would revert' if dry_run else 'reverted'} {len(trees)} tree{'s' * (len(trees) != 1)} in {rs.seconds:.2f}s",
+            [
+                ("files examined", f"{rs.files:,}"),
+                ("private copies made", f"{rs.copied:,} ({human(rs.bytes_copied)})"),
+                ("marks cleared", f"{rs.unmarked:,}"),
+                ("store entries removed", f"{rs.gc_removed:,}"),
+            ],
+        )
+        return
+    opts = unify_mod.UnifyOptions(
+        store=store,
+        ignore_mtime=ignore_mtime,
+        excludes=excludes,
+        default_excludes=not no_default_excludes,
+        min_size=min_size,
+        dry_run=dry_run,
+        jobs=jobs,
+    )
+    with terminal_progress({"scan": "scanning", "hash": "hashing", "link": "linking"}) as progress:
+        st = unify_mod.unify(list(trees), opts, progress)
+    if as_json:
+        click.echo(json.dumps(st.__dict__))
+        return
+    rate = st.hashed_bytes / st.hash_seconds if st.hash_seconds > 0 else 0.0
+    _print_stats(
+        f"{'dry run: would unify' if dry_run else 'unified'} {st.trees} tree{'s' * (st.trees != 1)} in {st.seconds:.2f}s",
+        [
+            ("files examined", f"{st.files:,} ({st.excluded:,} excluded paths)"),
+            ("hashed", f"{st.candidates:,} files, {human(st.hashed_bytes)} at {human(rate)}/s"),
+            ("names linked", f"{st.linked:,} ({st.groups:,} distinct files)"),
+            ("bytes saved", f"{human(st.bytes_saved)} ({st.inodes_freed:,} inodes freed)"),
+            ("changed meanwhile", f"{st.changed:,} left alone"),
+            ("store", f"{st.store_added:,} added, {st.gc_removed:,} unused removed"),
+        ],
+    )
+
+
+@main.group(name="store")
+def store_group() -> None:
+    """The unify store."""
+
+
+@store_group.command(name="gc")
+@click.argument("store")
+def store_gc(store: str) -> None:
+    """Remove stored inodes that no tree links to any more."""
+    n = unify_mod.gc(store)
+    click.echo(f"removed {n} unused entr{'y' if n == 1 else 'ies'}")
+
+
+@main.command()
+@click.argument("trees", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def du(trees: tuple[str, ...], as_json: bool) -> None:
+    """Disk use of TREES: private and shared bytes, and what sharing saves."""
+    rep = du_mod.du(list(trees))
+    if as_json:
+        click.echo(json.dumps(rep.as_json()))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False)
+    for col in ("TREE", "APPARENT", "DISK ALONE", "PRIVATE", "SHARED", "INODES"):
+        t.add_column(col, justify="left" if col == "TREE" else "right")
+    for u in rep.trees:
+        t.add_row(u.path, human(u.apparent), human(u.disk), human(u.private), human(u.shared), f"{u.inodes:,}")
+    Console(width=200).print(t)
+    pct = 100 * rep.saved / rep.full_copies if rep.full_copies else 0.0
+    click.echo(
+        f"on disk {human(rep.on_disk)}; as full copies {human(rep.full_copies)}; saved {human(rep.saved)} ({pct:.0f}%)"
+    )

@@ -89,6 +89,29 @@ def _state_file(dev: str) -> Path:
     return STATE_DIR / f"{dev}.json"
 
 
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def serving(tree: str) -> tuple[str, int | None] | None:
+    """(mountpoint, daemon pid) of a live cowfs mount whose backing tree
+    overlaps tree, from our mount namespace or any other (the state files)."""
+    tree = os.path.realpath(tree)
+    for m in mounts():
+        if m.fstype == "fuse.cowfs" and _overlaps(os.path.realpath(m.source), tree):
+            return m.mountpoint, None
+    for f in STATE_DIR.glob("*.json") if STATE_DIR.is_dir() else ():
+        try:
+            state = json.loads(f.read_text())
+            pid, backing = int(state["pid"]), str(state["backing"])
+            os.kill(pid, 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # stale, unreadable or its daemon is gone
+        if _overlaps(os.path.realpath(backing), tree):
+            return str(state.get("mountpoint", "?")), pid
+    return None
+
+
 def check_mount_args(backing: str, mountpoint: str) -> tuple[str, str]:
     backing, mountpoint = _abs(backing), _abs(mountpoint)
     try:

@@ -86,6 +86,22 @@ _open_by_handle_at = _libc.open_by_handle_at
 _open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(_FileHandle), ctypes.c_int]
 _open_by_handle_at.restype = ctypes.c_int
 
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+SYS_openat2 = 437  # the same number on every architecture
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+# Resolving a path inside a guest's tree: no symlink anywhere on the way, no
+# "..", no other mount — the kernel enforces it in one call.
+RESOLVE_IN_TREE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+
 _umount2 = _libc.umount2
 _umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _umount2.restype = ctypes.c_int
@@ -104,6 +120,20 @@ def _check(ret: int, call: str, what: object = None) -> None:
 def proc_fd(fd: int) -> str:
     """The magic link for fd: path calls on it jump straight to the inode."""
     return f"/proc/self/fd/{fd}"
+
+
+def open_beneath(dir_fd: int, path: str | bytes, flags: int, mode: int = 0) -> int:
+    """openat2(2) with RESOLVE_IN_TREE: path stays below dir_fd, symlinks refused (ELOOP)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, RESOLVE_IN_TREE)
+    raw = os.fsencode(path)
+    fd = _syscall(SYS_openat2, ctypes.c_int(dir_fd), ctypes.c_char_p(raw), ctypes.byref(how), ctypes.c_size_t(24))
+    _check(fd, "openat2", path)
+    return int(fd)
+
+
+def linkat(olddir: int, old: bytes | str, newdir: int, new: bytes | str) -> None:
+    """link(2) by names relative to directory fds; never follows a symlink."""
+    _check(_linkat(olddir, os.fsencode(old), newdir, os.fsencode(new), 0), "linkat", old)
 
 
 def renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int = 0) -> None:
