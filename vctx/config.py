@@ -1,0 +1,169 @@
+"""A guest's configuration: one TOML file, validated on load.
+
+Limits are written as people think of them (memory = "512M", cpus = 1.5,
+pids = 512) and checked here, once, so nothing later meets a bad value.
+Unknown keys are refused: a typo must not silently drop a limit.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from . import errors
+from .files import write_atomic
+from .home import check_name
+
+VERSION = 1
+INITS = ("systemd", "sysvinit", "busybox", "plain")
+NETWORKS = ("isolated", "netns", "none", "host")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+_CPUSET = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
+def parse_size(value: object, key: str) -> int | None:
+    """'512M', '2G', 1048576, 'max' -> bytes (None: unlimited)."""
+    if isinstance(value, bool):
+        raise errors.BadConfig(f"{key}: expected a size like 512M, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise errors.BadConfig(f"{key}: a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        if value.lower() in ("max", "unlimited", "none"):
+            return None
+        m = _SIZE.fullmatch(value.strip())
+        if m:
+            mult = 1024 ** " KMGT".index(m.group(2).upper() or " ")
+            return int(float(m.group(1)) * mult)
+    raise errors.BadConfig(f"{key}: expected a size like 512M, 2G or max, got {value!r}")
+
+
+@dataclass
+class Limits:
+    memory: str | None = None  # RAM; swap below is on top of it
+    swap: str | None = None
+    cpus: float | None = None  # CPU time quota, in CPUs
+    cpu_weight: int | None = None  # 1..10000, 100 is the default share
+    cpuset: str | None = None
+    pids: int | None = None
+    io_weight: int | None = None  # 1..10000
+
+    def check(self) -> None:
+        for k in ("memory", "swap"):
+            v = getattr(self, k)
+            if v is not None:
+                parse_size(v, f"limits.{k}")
+        if self.cpus is not None and not (isinstance(self.cpus, int | float) and 0.01 <= self.cpus <= 4096):
+            raise errors.BadConfig(f"limits.cpus: expected a number of CPUs like 1.5, got {self.cpus!r}")
+        for k in ("cpu_weight", "io_weight"):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, int) and 1 <= v <= 10000):
+                raise errors.BadConfig(f"limits.{k}: expected 1..10000, got {v!r}")
+        if self.pids is not None and not (isinstance(self.pids, int) and self.pids > 0):
+            raise errors.BadConfig(f"limits.pids: expected a positive number, got {self.pids!r}")
+        if self.cpuset is not None and not (isinstance(self.cpuset, str) and _CPUSET.fullmatch(self.cpuset)):
+            raise errors.BadConfig(f"limits.cpuset: expected CPUs like 0-1,3, got {self.cpuset!r}")
+
+
+@dataclass
+class Net:
+    mode: str = "isolated"
+    ip: list[str] = field(default_factory=list)
+    interface: str = "lo"
+
+    def check(self) -> None:
+        if self.mode not in NETWORKS:
+            raise errors.BadConfig(f"net.mode: expected one of {', '.join(NETWORKS)}, got {self.mode!r}")
+        if not isinstance(self.ip, list) or not all(isinstance(a, str) for a in self.ip):
+            raise errors.BadConfig("net.ip: expected a list of addresses")
+
+
+@dataclass
+class GuestConfig:
+    name: str
+    template: str
+    init: str
+    id_base: int
+    id_size: int = 65536
+    hostname: str = ""
+    command: list[str] = field(default_factory=list)  # for init = "plain"
+    limits: Limits = field(default_factory=Limits)
+    net: Net = field(default_factory=Net)
+    version: int = VERSION
+
+    def check(self) -> None:
+        check_name(self.name)
+        if self.version != VERSION:
+            raise errors.BadConfig(f"version {self.version!r} is not supported (this vctx writes {VERSION})")
+        if self.init not in INITS:
+            raise errors.BadConfig(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init == "plain" and not self.command:
+            raise errors.BadConfig('init = "plain" needs command = ["program", "arg", ...]')
+        if not (isinstance(self.id_base, int) and self.id_base > 0 and self.id_base + self.id_size <= 2**32 - 1):
+            raise errors.BadConfig(f"id_base: {self.id_base!r} is not a usable id range start")
+        if not self.hostname:
+            self.hostname = self.name
+        self.limits.check()
+        self.net.check()
+
+    def to_toml(self) -> dict[str, Any]:
+        def clean(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in d.items() if v is not None}
+
+        out: dict[str, Any] = {"version": self.version}
+        for f in fields(self):
+            if f.name in ("version", "limits", "net"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        out["limits"] = clean(self.limits.__dict__)
+        out["net"] = clean(self.net.__dict__)
+        return out
+
+
+def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise errors.BadConfig(f"{where}unknown key {unknown[0]!r}")
+    return cls(**data)
+
+
+def from_dict(data: dict[str, Any]) -> GuestConfig:
+    data = dict(data)
+    if "version" not in data:
+        raise errors.BadConfig("no version key")
+    for k, cls in (("limits", Limits), ("net", Net)):
+        sub = data.get(k, {})
+        if not isinstance(sub, dict):
+            raise errors.BadConfig(f"{k}: expected a table")
+        data[k] = _build(cls, sub, f"[{k}] ")
+    try:
+        cfg: GuestConfig = _build(GuestConfig, data, "")
+    except TypeError as e:  # a required key is missing
+        raise errors.BadConfig(str(e).split("__init__() ")[-1]) from None
+    cfg.check()
+    return cfg
+
+
+def load(path: Path) -> GuestConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise errors.NotFound(f"no config at {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise errors.BadConfig(f"{path}: {e}") from None
+    try:
+        return from_dict(data)
+    except errors.BadConfig as e:
+        raise errors.BadConfig(f"{path}: {e}") from None
+
+
+def save(cfg: GuestConfig, path: Path) -> None:
+    cfg.check()
+    write_atomic(path, tomli_w.dumps(cfg.to_toml()).encode())

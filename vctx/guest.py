@@ -1,0 +1,91 @@
+"""Guests on disk: create (clone a template) and delete."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cowfs.clone import clone
+from cowfs.daemon import serving
+
+from . import config, errors, idrange
+from . import template as templates
+from .files import replace_in_tree
+from .home import Home, check_name
+
+CONFIG = "guest.toml"
+
+
+@dataclass
+class Guest:
+    name: str
+    path: Path
+    cfg: config.GuestConfig
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+
+def load(home: Home, name: str) -> Guest:
+    path = home.guest(name)
+    if not path.is_dir():
+        raise errors.NotFound(f"no guest {name!r} (see vctx list)")
+    return Guest(name, path, config.load(path / CONFIG))
+
+
+def names(home: Home) -> list[str]:
+    return [n for n in home.names(home.guests) if (home.guests / n / CONFIG).exists()]
+
+
+def create(home: Home, name: str, template_name: str, init: str | None = None, hostname: str | None = None) -> Guest:
+    check_name(name)
+    t = templates.load(home, template_name)
+    with home.locked():
+        path = home.guest(name)
+        if path.exists():
+            raise errors.Exists(f"guest {name!r} exists")
+        cfg = config.GuestConfig(
+            name=name,
+            template=template_name,
+            init=init or t.init,
+            id_base=idrange.allocate(home),
+            hostname=hostname or name,
+        )
+        cfg.check()
+        partial = home.guests / f".{name}.partial-{secrets.token_hex(4)}"
+        partial.mkdir(mode=0o700)
+        try:
+            clone(str(t.rootfs), str(partial / "rootfs"))
+            # Per-guest identity: fresh files, never writes into the template's inodes.
+            root = partial / "rootfs"
+            if (root / "etc").is_dir():
+                replace_in_tree(root, "etc/hostname", f"{cfg.hostname}\n".encode())
+                if (root / "etc/machine-id").exists():
+                    replace_in_tree(root, "etc/machine-id", f"{secrets.token_hex(16)}\n".encode(), 0o444)
+            config.save(cfg, partial / CONFIG)
+            partial.rename(path)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return Guest(name, path, cfg)
+
+
+def delete(home: Home, name: str) -> None:
+    g = load(home, name)
+    with home.locked():
+        live = serving(str(g.rootfs))
+        if live is not None:
+            raise errors.Running(
+                f"guest {name!r} is running (its root is mounted at {live[0]}): vctx stop {name} first"
+            )
+        gone = home.guests / f".{name}.deleting-{secrets.token_hex(4)}"
+        g.path.rename(gone)
+    # rmtree works from directory fds and never follows the guest's symlinks
+    shutil.rmtree(gone)
