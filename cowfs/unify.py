@@ -31,6 +31,7 @@ import errno
 import fcntl
 import fnmatch
 import os
+import re
 import secrets
 import stat
 import time
@@ -43,7 +44,7 @@ import blake3
 
 from . import breaking, errors, mark
 from .daemon import serving
-from .sys import O_PATH_NOFOLLOW, linkat, open_beneath, renameat2
+from .sys import O_PATH_NOFOLLOW, linkat, open_beneath, proc_fd, renameat2
 from .walk import DirCache, dir_times, open_tree, restore_times, split, walk
 
 MIN_SIZE = 16
@@ -52,6 +53,7 @@ DEFAULT_EXCLUDES = ("/etc", "/var", "/home", "/tmp", "/root", "/run", "*.key", "
 STORE_NAME = ".cowfs-store"
 _CHUNK = 1 << 20
 _BATCH_BYTES = 8 << 20
+_MMAP_BYTES = 4 << 20
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME
 
 # (size, mode, uid, gid, mtime_ns or None)
@@ -92,17 +94,24 @@ class Matcher:
     root ('/etc', '/usr/share/doc/*'), without one the file's name."""
 
     def __init__(self, patterns: Iterable[str], extra_paths: Iterable[str] = ()) -> None:
-        self.anchored = [p.rstrip("/") for p in patterns if "/" in p]
-        self.names = [p for p in patterns if "/" not in p]
+        patterns = list(patterns)
+        # One compiled regex per kind: this runs for every entry of every tree.
+        self.anchored = _compile(p.rstrip("/") for p in patterns if "/" in p)
+        self.names = _compile(p for p in patterns if "/" not in p)
         self.paths = set(extra_paths)
 
     def __call__(self, rel: str) -> bool:
         path = "/" + rel
         if path in self.paths:
             return True
-        if any(fnmatch.fnmatchcase(path, p) for p in self.anchored):
+        if self.anchored is not None and self.anchored.match(path):
             return True
-        return any(fnmatch.fnmatchcase(rel.rpartition("/")[2], p) for p in self.names)
+        return self.names is not None and self.names.match(rel.rpartition("/")[2]) is not None
+
+
+def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    ps = list(patterns)
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in ps)) if ps else None
 
 
 def conffiles(root_fd: int) -> set[str]:
@@ -145,6 +154,11 @@ def hash_fd(fd: int, buf: bytearray, size: int) -> tuple[str, int]:
     if size < len(buf):
         data = os.read(fd, size + 1)  # +1: a file that grew shows it
         return blake3.blake3(data).hexdigest(), len(data)
+    if size >= _MMAP_BYTES:
+        # Big files: mapped (no copy) and hashed on every core.
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h.update_mmap(proc_fd(fd))
+        return h.hexdigest(), size
     h = blake3.blake3()
     view = memoryview(buf)
     total = 0
@@ -330,20 +344,22 @@ def _scan(
             ino.store = rel
             ino.digest = rel.rpartition("/")[2].partition("-")[0]
     patterns = (DEFAULT_EXCLUDES if opts.default_excludes else ()) + opts.excludes
-    for i, root in enumerate(roots):
-        times = dir_times_of[i]
+
+    def scan_tree(i: int) -> tuple[list[tuple[str, os.stat_result]], UnifyStats]:
+        root, times, part = roots[i], dir_times_of[i], UnifyStats()
         dir_times(root, "", os.fstat(root), times)
         excluded = Matcher(patterns, conffiles(root) if opts.default_excludes else ())
         dirs = DirCache(root)
+        found = []
 
-        def skip(rel: str, st: os.stat_result, excluded: Matcher = excluded) -> bool:
+        def skip(rel: str, st: os.stat_result) -> bool:
             if excluded(rel):
-                stats.excluded += 1
+                part.excluded += 1
                 return True
             return False
 
         try:
-            for rel, st in walk(root, skip):
+            for rel, st in walk(root, skip, files_only=True):
                 if not stat.S_ISREG(st.st_mode):
                     dir_times(root, rel, st, times)
                     continue
@@ -351,16 +367,25 @@ def _scan(
                 if breaking.is_temp_name(base.encode()):
                     if not opts.dry_run:  # a crashed run's or break's leftover
                         os.unlink(base, dir_fd=dirs.open(d))
-                        stats.temps_removed += 1
+                        part.temps_removed += 1
                     continue
-                stats.files += 1
-                if stats.files % 4096 == 0 and progress:
-                    progress("scan", stats.files, 0)
-                if st.st_size < opts.min_size:
-                    continue
-                by_key[_prekey(st, opts.ignore_mtime)].setdefault(st.st_ino, _Inode(st)).names.append((i, rel))
+                part.files += 1
+                if st.st_size >= opts.min_size:
+                    found.append((rel, st))
         finally:
             dirs.close()
+        return found, part
+
+    # One tree after another: walking in threads measured slower (the GIL).
+    for i in range(len(roots)):
+        found, part = scan_tree(i)
+        stats.files += part.files
+        stats.excluded += part.excluded
+        stats.temps_removed += part.temps_removed
+        for rel, st in found:
+            by_key[_prekey(st, opts.ignore_mtime)].setdefault(st.st_ino, _Inode(st)).names.append((i, rel))
+        if progress:
+            progress("scan", i + 1, len(roots))
     return by_key
 
 

@@ -31,14 +31,25 @@ def open_tree(path: str) -> int:
         raise errors.BadTree(f"{path} is not a directory") from None
 
 
-def walk(root_fd: int, skip: Skip | None = None) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of everything below root_fd, parents first."""
-    yield from _walk(root_fd, "", skip)
+def walk(root_fd: int, skip: Skip | None = None, files_only: bool = False) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, lstat) of everything below root_fd, parents first.
+
+    files_only: only regular files and directories (the others are not even
+    stat'ed: the directory entry's type says what they are).
+    """
+    yield from _walk(root_fd, "", skip, files_only)
 
 
-def _walk(dir_fd: int, rel: str, skip: Skip | None) -> Iterator[tuple[str, os.stat_result]]:
+def _walk(dir_fd: int, rel: str, skip: Skip | None, files_only: bool) -> Iterator[tuple[str, os.stat_result]]:
     with os.scandir(dir_fd) as it:
-        entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        if files_only:
+            entries = [
+                (e.name, e.stat(follow_symlinks=False))
+                for e in it
+                if e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False)
+            ]
+        else:
+            entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
     for name, st in entries:
         r = f"{rel}/{name}" if rel else name
         if skip is not None and skip(r, st):
@@ -50,7 +61,7 @@ def _walk(dir_fd: int, rel: str, skip: Skip | None) -> Iterator[tuple[str, os.st
             except FileNotFoundError:
                 continue  # gone while we walked
             try:
-                yield from _walk(sub, r, skip)
+                yield from _walk(sub, r, skip, files_only)
             finally:
                 os.close(sub)
 
