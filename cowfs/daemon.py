@@ -17,6 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,13 +196,74 @@ def _raise_readahead(dev: str) -> None:
         log.warning("cannot raise readahead of %s: %s", dev, e)
 
 
+class Served:
+    """A mounted cowfs, ready to be served by run()."""
+
+    def __init__(self, backing: str, mountpoint: str, opts: MountOptions) -> None:
+        from .fs import CowFS
+        from .model import CowTree
+
+        self.backing, self.mountpoint = backing, mountpoint
+        limit = raise_nofile_limit()
+        budget = opts.fd_budget or max(64, min(limit - 1024, 1 << 16))
+        self.tree = CowTree(backing, opts.idmap, fd_budget=budget)
+        self.tree.scan()
+        self.fs = CowFS(self.tree)
+        self.fuse_fd = _open_fuse(backing, mountpoint, opts)
+        entry = find_mount(mountpoint)
+        if entry is not None:
+            _raise_readahead(entry.dev)
+        self.state = _state_file(entry.dev) if entry else None
+        if self.state is not None:
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            tmp = self.state.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), "backing": backing, "mountpoint": mountpoint}))
+            tmp.rename(self.state)
+        log.info("serving %s on %s (%d temporaries cleaned)", backing, mountpoint, self.tree.stats.temps_removed)
+
+    def run(self, companion: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Serve until unmounted (or, with a companion task, until it returns:
+        then the mount is detached and serving ends when its last user goes)."""
+        import trio
+
+        from .fs import INIT_FLAGS
+        from .fuse import Session
+
+        session = Session(self.fuse_fd, self.fs.handlers(), self.fs.slow(), INIT_FLAGS)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                        async for _ in sigs:
+                            # Detach; the kernel then ends the connection and serve() returns.
+                            umount(self.mountpoint, lazy=True)
+                            return
+
+                async def with_companion() -> None:
+                    assert companion is not None
+                    await companion()
+                    umount(self.mountpoint, lazy=True)
+
+                nursery.start_soon(on_signal)
+                if companion is not None:
+                    nursery.start_soon(with_companion)
+                await session.serve()
+                nursery.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        finally:
+            self.tree.destroy()
+            os.close(self.fuse_fd)
+            if self.state is not None:
+                self.state.unlink(missing_ok=True)
+            log.info("stopped: %d breaks, %d marks cleared", self.tree.stats.breaks, self.tree.stats.unmarks)
+
+
 def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | None) -> None:
     """Mount and serve until unmounted; tell ready_fd "ok" or the error."""
-    import trio
-
-    from .fs import INIT_FLAGS, CowFS
-    from .fuse import Session
-    from .model import CowTree
 
     def tell(msg: str) -> None:
         if ready_fd is not None:
@@ -209,50 +271,12 @@ def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | Non
             os.close(ready_fd)
 
     try:
-        limit = raise_nofile_limit()
-        budget = opts.fd_budget or max(64, min(limit - 1024, 1 << 16))
-        tree = CowTree(backing, opts.idmap, fd_budget=budget)
-        tree.scan()
-        fs = CowFS(tree)
-        fuse_fd = _open_fuse(backing, mountpoint, opts)
+        served = Served(backing, mountpoint, opts)
     except Exception as e:  # report any start-up failure as one line to the caller
         tell(f"E{errors.DaemonFailed.exit_code} cannot mount {mountpoint}: {e}")
         raise SystemExit(1) from None
-    entry = find_mount(mountpoint)
-    if entry is not None:
-        _raise_readahead(entry.dev)
-    state = _state_file(entry.dev) if entry else None
-    if state is not None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = state.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "backing": backing, "mountpoint": mountpoint}))
-        tmp.rename(state)
-    log.info("serving %s on %s (%d temporaries cleaned)", backing, mountpoint, tree.stats.temps_removed)
     tell("ok")
-    session = Session(fuse_fd, fs.handlers(), fs.slow(), INIT_FLAGS)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
-                        # Detach; the kernel then ends the connection and serve() returns.
-                        umount(mountpoint, lazy=True)
-                        return
-
-            nursery.start_soon(on_signal)
-            await session.serve()
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    finally:
-        tree.destroy()
-        os.close(fuse_fd)
-        if state is not None:
-            state.unlink(missing_ok=True)
-        log.info("stopped: %d breaks, %d marks cleared", tree.stats.breaks, tree.stats.unmarks)
+    served.run()
 
 
 def _setup_logging(opts: MountOptions) -> None:

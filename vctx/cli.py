@@ -225,5 +225,237 @@ def delete(ctx: click.Context, name: str) -> None:
     click.echo(f"deleted guest {name}")
 
 
+# --- running guests --------------------------------------------------------------------
+
+
+@main.command(name="boot")
+@click.argument("name")
+@click.pass_context
+def boot_cmd(ctx: click.Context, name: str) -> None:
+    """Boot guest NAME: mount its tree, start its init in a new context."""
+    from . import runtime
+
+    r = runtime.boot(_home(ctx), name)
+    click.echo(f"booted {name}: init pid {r.init}, monitor pid {r.monitor}")
+
+
+main.add_command(boot_cmd, name="start")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds for a clean shutdown.")
+@click.pass_context
+def stop(ctx: click.Context, name: str, timeout: float) -> None:
+    """Shut guest NAME down; kill what remains; verify nothing is left."""
+    from . import runtime
+
+    runtime.stop(_home(ctx), name, timeout)
+    click.echo(f"stopped {name}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.pass_context
+def restart(ctx: click.Context, name: str, timeout: float) -> None:
+    """Stop (if running) and boot guest NAME."""
+    from . import runtime
+
+    if runtime.running(name) is not None:
+        runtime.stop(_home(ctx), name, timeout)
+    r = runtime.boot(_home(ctx), name)
+    click.echo(f"booted {name}: init pid {r.init}, monitor pid {r.monitor}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("-s", "--signal", "sig", default="TERM", show_default=True, help="Signal name or number.")
+@click.pass_context
+def kill(ctx: click.Context, name: str, sig: str) -> None:
+    """Send a signal to every process of guest NAME."""
+    import signal as signal_mod
+
+    from . import runtime
+
+    try:
+        num = int(sig) if sig.isdigit() else int(signal_mod.Signals["SIG" + sig.upper().removeprefix("SIG")])
+    except KeyError:
+        raise errors.UsageError(f"unknown signal {sig!r}") from None
+    n = runtime.kill(_home(ctx), name, num)
+    click.echo(f"signalled {n} process{'es' if n != 1 else ''}")
+
+
+@main.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("-t", "--tty", is_flag=True, help="Give the command a pty (proxied).")
+@click.option("--user", "-u", default="root", show_default=True)
+@click.option("--env", "-e", "envs", multiple=True, metavar="K=V")
+@click.option("--workdir", "-w")
+@click.pass_context
+def exec_cmd(
+    ctx: click.Context,
+    name: str,
+    argv: tuple[str, ...],
+    tty: bool,
+    user: str,
+    envs: tuple[str, ...],
+    workdir: str | None,
+) -> None:
+    """Run a command in guest NAME and return its exit code: vctx exec NAME -- CMD..."""
+    from .enter import exec_in
+
+    env = {}
+    for kv in envs:
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            raise errors.UsageError(f"--env wants K=V, not {kv!r}")
+        env[key] = value
+    sys.exit(exec_in(_home(ctx), name, list(argv), user=user, env=env, workdir=workdir, tty=tty))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--user", "-u", default="root", show_default=True)
+@click.pass_context
+def enter(ctx: click.Context, name: str, user: str) -> None:
+    """A login shell in guest NAME, through a pty proxy."""
+    from .enter import exec_in
+
+    sys.exit(exec_in(_home(ctx), name, [], user=user, tty=True, login=True))
+
+
+def _guest_rows(home: Home, names: list[str]) -> list[dict[str, Any]]:
+    from . import runtime
+    from .cgroups import GuestCgroups
+
+    rows = []
+    for n in names:
+        g = guests.load(home, n)
+        r = runtime.running(n)
+        row: dict[str, Any] = {
+            "name": n,
+            "ctx": g.cfg.id_base // 65536,
+            "status": "running" if r else "stopped",
+            "init": g.cfg.init,
+            "template": g.cfg.template,
+            "network": g.cfg.net.mode,
+            "ip": g.cfg.net.ip,
+            "proc": 0,
+            "vsz": 0,
+            "rss": 0,
+            "user_seconds": 0.0,
+            "sys_seconds": 0.0,
+            "uptime": 0.0,
+        }
+        if r:
+            pids = runtime.procs(n)
+            mem = [runtime.read_stat(p) for p in pids]
+            st = GuestCgroups(n).stats()
+            row.update(
+                proc=len(pids),
+                vsz=sum(v for v, _ in mem),
+                rss=sum(x for _, x in mem),
+                user_seconds=st.get("user_usec", 0) / 1e6,
+                sys_seconds=st.get("system_usec", 0) / 1e6,
+                uptime=runtime.uptime(r),
+                init_pid=r.init,
+                monitor_pid=r.monitor,
+                stats=st,
+            )
+        rows.append(row)
+    return rows
+
+
+def _dur(s: float) -> str:
+    s = int(s)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return f"{d}d{h:02}h" if d else f"{h:02}:{m:02}:{s:02}"
+
+
+@main.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def list_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Guests, with VServer's vserver-stat columns."""
+    home = _home(ctx)
+    rows = _guest_rows(home, guests.names(home))
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table: list[tuple[str, ...]] = [
+        ("CTX", "PROC", "VSZ", "RSS", "userTIME", "sysTIME", "UPTIME", "NAME", "STATUS", "NET")
+    ]
+    for r in rows:
+        up = r["status"] == "running"
+        net = r["network"] + (" (!host)" if r["network"] == "host" else "")
+        table.append(
+            (
+                str(r["ctx"]),
+                str(r["proc"]) if up else "-",
+                human(r["vsz"]) if up else "-",
+                human(r["rss"]) if up else "-",
+                _dur(r["user_seconds"]) if up else "-",
+                _dur(r["sys_seconds"]) if up else "-",
+                _dur(r["uptime"]) if up else "-",
+                r["name"],
+                r["status"],
+                net + (" " + ",".join(r["ip"]) if r["ip"] else ""),
+            )
+        )
+    _table(table)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Is guest NAME running? Exit 0 if so, 3 if stopped."""
+    row = _guest_rows(_home(ctx), [name])[0]
+    if as_json:
+        click.echo(json.dumps(row))
+    else:
+        click.echo(
+            f"{name}: {row['status']}" + (f", {row['proc']} processes, up {_dur(row['uptime'])}" if row["proc"] else "")
+        )
+    sys.exit(0 if row["status"] == "running" else 3)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ps(ctx: click.Context, as_json: bool) -> None:
+    """Host processes, with the guest each belongs to."""
+    home = _home(ctx)
+    owner: dict[int, str] = {}
+    from . import runtime
+
+    for n in guests.names(home):
+        for pid in runtime.procs(n):
+            owner[pid] = n
+    rows: list[dict[str, Any]] = []
+    for d in sorted(Path("/proc").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1):
+        if not d.name.isdigit():
+            continue
+        pid = int(d.name)
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            comm = (d / "comm").read_text().strip()
+            uid = (d / "status").read_text().split("\nUid:")[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        rows.append({"pid": pid, "guest": owner.get(pid, "host"), "uid": int(uid), "command": cmd or f"[{comm}]"})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table: list[tuple[str, ...]] = [("PID", "GUEST", "UID", "COMMAND")]
+    table += [(str(r["pid"]), r["guest"], str(r["uid"]), r["command"][:100]) for r in rows]
+    _table(table)
+
+
 if __name__ == "__main__":
     main(prog_name=os.path.basename(__file__))

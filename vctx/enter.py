@@ -1,0 +1,212 @@
+"""exec and enter: run a command inside a running guest.
+
+The calling process joins the guest's cgroups, then its user, mount, UTS,
+IPC, PID and cgroup namespaces through a pidfd of the guest's init (one
+setns call), and forks: the child is a process of the guest in every
+respect, drops to the guest's capability bounds and the chosen user, and
+execs.  With a tty, the caller opens a pty *in the guest's* devpts, gives
+the child the slave and proxies the host terminal to the master: the guest
+never holds the host's terminal.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import sys
+from pathlib import Path
+
+from . import errors
+from . import sys as k
+from .cgroups import GuestCgroups
+from .context import CAP_DROP
+from .home import Home
+from .monitor import PATH
+from .runtime import running
+
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+NS = k.CLONE_NEWUSER | k.CLONE_NEWNS | k.CLONE_NEWUTS | k.CLONE_NEWIPC | k.CLONE_NEWPID | k.CLONE_NEWCGROUP
+
+
+def _passwd(user: str) -> tuple[int, int, str, str, str]:
+    """(uid, gid, name, home, shell) from the guest's /etc/passwd."""
+    try:
+        lines = Path("/etc/passwd").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        f = line.split(":")
+        if len(f) < 7 or not f[2].isdigit() or not f[3].isdigit():
+            continue
+        if f[0] == user or (user.isdigit() and f[2] == user):
+            return int(f[2]), int(f[3]), f[0], f[5] or "/", f[6] or "/bin/sh"
+    if user.isdigit():
+        return int(user), int(user), user, "/", "/bin/sh"
+    raise errors.NotFound(f"no user {user!r} in the guest")
+
+
+def _groups(name: str, gid: int) -> list[int]:
+    out = {gid}
+    try:
+        for line in Path("/etc/group").read_text(errors="replace").splitlines():
+            f = line.split(":")
+            if len(f) >= 4 and f[2].isdigit() and name in f[3].split(","):
+                out.add(int(f[2]))
+    except OSError:
+        pass
+    return sorted(out)
+
+
+def _join(name: str, init: int) -> None:
+    cg = GuestCgroups(name)
+    for node in cg.nodes():
+        try:
+            (node / "cgroup.procs").write_text(str(os.getpid()))
+        except OSError as e:
+            if e.errno != errno.EBUSY or node != cg.v2:
+                raise
+            # The guest's systemd enabled controllers at its root: no
+            # process may sit there, so execs get a leaf of their own.
+            leaf = node / "vctx-exec"
+            leaf.mkdir(exist_ok=True)
+            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+    fd = k.pidfd_open(init)
+    try:
+        k.setns(fd, NS)
+    finally:
+        os.close(fd)
+
+
+def exec_in(
+    home: Home,
+    name: str,
+    argv: list[str],
+    user: str = "root",
+    env: dict[str, str] | None = None,
+    workdir: str | None = None,
+    tty: bool = False,
+    stdio: bool = True,
+    login: bool = False,
+) -> int:
+    """Run argv in the guest; returns its exit code (128+N if killed by signal N)."""
+    r = running(name)
+    if r is None:
+        raise errors.NotRunning(f"guest {name!r} is not running")
+    _join(name, r.init)
+    uid, gid, uname, uhome, shell = _passwd(user)
+    if login:
+        argv = [shell, "-l"]
+    groups = _groups(uname, gid)
+    e = {
+        "PATH": PATH,
+        "HOME": uhome,
+        "USER": uname,
+        "LOGNAME": uname,
+        "SHELL": shell,
+        "container": "vctx",
+        "TERM": os.environ.get("TERM", "xterm") if tty else "dumb",
+    }
+    e.update(env or {})
+    master = slave = -1
+    if tty:
+        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        import fcntl
+
+        fcntl.ioctl(master, TIOCSPTLCK, b"\0\0\0\0")  # unlockpt
+        n = int.from_bytes(fcntl.ioctl(master, TIOCGPTN, b"\0\0\0\0"), sys.byteorder)
+        slave = os.open(f"/dev/pts/{n}", os.O_RDWR | os.O_NOCTTY)
+        os.fchown(slave, uid, -1)
+        _copy_winsize(master)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if tty:
+                os.setsid()
+                import fcntl
+                import termios
+
+                fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+                for fd in (0, 1, 2):
+                    os.dup2(slave, fd)
+            elif not stdio:
+                null = os.open("/dev/null", os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+            k.drop_bounding(list(CAP_DROP.values()))
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.chdir(workdir or (uhome if login else "/"))
+            os.execvpe(argv[0], argv, e)
+        except FileNotFoundError:
+            os.write(2, f"vctx: {argv[0]}: command not found in {name}\n".encode())
+            os._exit(127)
+        except OSError as ex:
+            os.write(2, f"vctx: cannot run {argv[0]} in {name}: {ex.strerror}\n".encode())
+            os._exit(126)
+        os._exit(127)
+    if tty:
+        os.close(slave)
+        _proxy(master, pid)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _copy_winsize(master: int) -> None:
+    import fcntl
+    import termios
+
+    try:
+        ws = fcntl.ioctl(sys.stdin.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, ws)
+    except OSError:
+        pass
+
+
+def _proxy(master: int, pid: int) -> None:
+    """Host terminal <-> the guest's pty master, until the child's side closes."""
+    import termios
+    import tty as ttymod
+
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    saved = None
+    if os.isatty(stdin):
+        saved = termios.tcgetattr(stdin)
+        ttymod.setraw(stdin)
+    signal.signal(signal.SIGWINCH, lambda *_: _copy_winsize(master))
+    fds = [master, stdin]
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select(fds, [], [])
+            except InterruptedError:
+                continue
+            if master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                os.write(stdout, data)
+            if stdin in ready:
+                data = os.read(stdin, 65536)
+                if not data:
+                    fds.remove(stdin)  # keep showing output after our input ends
+                    os.write(master, b"\x04")
+                else:
+                    os.write(master, data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        os.close(master)
