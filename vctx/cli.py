@@ -225,6 +225,16 @@ def delete(ctx: click.Context, name: str) -> None:
     click.echo(f"deleted guest {name}")
 
 
+@main.command(name="set")
+@click.argument("name")
+@click.argument("assignments", nargs=-1, required=True)
+@click.pass_context
+def set_cmd(ctx: click.Context, name: str, assignments: tuple[str, ...]) -> None:
+    """Change guest NAME's config: memory=512M cpus=1.5 pids=512 hostname=... (takes effect at boot)."""
+    guests.set_keys(_home(ctx), name, list(assignments))
+    click.echo(f"updated {name}")
+
+
 # --- running guests --------------------------------------------------------------------
 
 

@@ -12,10 +12,13 @@ never holds the host's terminal.
 from __future__ import annotations
 
 import errno
+import fcntl  # all imports at the top: after setns the guest's root is ours
 import os
 import select
 import signal
 import sys
+import termios
+import tty as ttymod
 from pathlib import Path
 
 from . import errors
@@ -78,6 +81,11 @@ def _join(name: str, init: int) -> None:
         k.setns(fd, NS)
     finally:
         os.close(fd)
+    # Host root is no id at all in the guest's user namespace: become its root,
+    # so what we create there (the pty) belongs to someone the guest knows.
+    os.setresgid(0, 0, 0)
+    os.setgroups([])
+    os.setresuid(0, 0, 0)
 
 
 def exec_in(
@@ -113,7 +121,6 @@ def exec_in(
     master = slave = -1
     if tty:
         master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        import fcntl
 
         fcntl.ioctl(master, TIOCSPTLCK, b"\0\0\0\0")  # unlockpt
         n = int.from_bytes(fcntl.ioctl(master, TIOCGPTN, b"\0\0\0\0"), sys.byteorder)
@@ -125,8 +132,6 @@ def exec_in(
         try:
             if tty:
                 os.setsid()
-                import fcntl
-                import termios
 
                 fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
                 for fd in (0, 1, 2):
@@ -163,8 +168,6 @@ def exec_in(
 
 
 def _copy_winsize(master: int) -> None:
-    import fcntl
-    import termios
 
     try:
         ws = fcntl.ioctl(sys.stdin.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
@@ -175,8 +178,6 @@ def _copy_winsize(master: int) -> None:
 
 def _proxy(master: int, pid: int) -> None:
     """Host terminal <-> the guest's pty master, until the child's side closes."""
-    import termios
-    import tty as ttymod
 
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     saved = None

@@ -89,3 +89,48 @@ def delete(home: Home, name: str) -> None:
         g.path.rename(gone)
     # rmtree works from directory fds and never follows the guest's symlinks
     shutil.rmtree(gone)
+
+
+# `vctx set` keys: where each lives in the config, and how its text is read.
+_LIMIT_KEYS = {
+    "memory": str,
+    "swap": str,
+    "cpus": float,
+    "cpu_weight": int,
+    "cpuset": str,
+    "pids": int,
+    "io_weight": int,
+}
+_NET_KEYS = {"network": "mode", "ip": "ip", "interface": "interface"}
+
+
+def set_keys(home: Home, name: str, assignments: list[str]) -> config.GuestConfig:
+    """Apply KEY=VALUE changes to a guest's config; all are checked before any is saved.
+    An empty value (memory=) removes a limit."""
+    with home.locked():
+        g = load(home, name)
+        cfg = g.cfg
+        for a in assignments:
+            key, eq, value = a.partition("=")
+            if not eq:
+                raise errors.UsageError(f"expected KEY=VALUE, not {a!r}")
+            if key in _LIMIT_KEYS:
+                try:
+                    setattr(cfg.limits, key, _LIMIT_KEYS[key](value) if value else None)
+                except ValueError:
+                    raise errors.BadConfig(f"{key}: {value!r} is not a {_LIMIT_KEYS[key].__name__}") from None
+            elif key in _NET_KEYS:
+                v: object = [x for x in value.split(",") if x] if key == "ip" else value
+                setattr(cfg.net, _NET_KEYS[key], v)
+            elif key == "hostname":
+                cfg.hostname = value
+            elif key == "init":
+                cfg.init = value
+            elif key == "command":
+                import shlex
+
+                cfg.command = shlex.split(value)
+            else:
+                raise errors.BadConfig(f"unknown key {key!r}")
+        config.save(cfg, g.config_path)
+        return cfg

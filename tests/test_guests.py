@@ -1,0 +1,290 @@
+"""Real guests: boot, exec, enter, limits, reboot, halt, stop — as root."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require
+from test_templates import DEBS, fails, vctx
+
+RUN = Path("/run/vctx")
+CGROUP_V2 = Path("/sys/fs/cgroup/unified/vctx")
+
+
+def _inotify_wait(directory: Path, cond: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Wait, without sleeping, until cond() holds: re-checked on every change in directory."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    directory.mkdir(parents=True, exist_ok=True)
+    libc.inotify_add_watch(fd, str(directory).encode(), 0x2 | 0x8 | 0x80 | 0x100 | 0x200 | 0x40)
+    try:
+        while not cond():
+            if not select.select([fd], [], [], timeout)[0]:
+                return cond()
+            os.read(fd, 65536)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _pidfd_wait(pid: int, timeout: float = 60.0) -> bool:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def state(name: str) -> dict[str, object] | None:
+    try:
+        return json.loads((RUN / name / "state.json").read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def bb_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require(os.geteuid() == 0, "needs root")
+    require(Path("/bin/busybox").is_file(), "needs busybox-static")
+    require(os.path.exists("/proc/self/ns/user"), "needs user namespaces")
+    home = tmp_path_factory.mktemp("guests") / "home"
+    vctx(home, "template", "build", "bb", "--from", "busybox")
+    return home
+
+
+@pytest.fixture
+def guest(bb_home: Path) -> Iterator[str]:
+    name = f"t-{secrets.token_hex(3)}"
+    vctx(bb_home, "create", name, "-t", "bb")
+    yield name
+    if state(name) is not None:
+        vctx(bb_home, "stop", name, "--timeout", "10", check=False)
+    subprocess.run(
+        [sys.executable, "-c", f"from vctx import runtime; runtime.cleanup({name!r}, quiet=True)"], check=False
+    )
+    vctx(bb_home, "delete", name, check=False)
+
+
+def nothing_left(name: str, pids: list[int]) -> None:
+    assert not (CGROUP_V2 / name).exists() and not Path(f"/sys/fs/cgroup/memory/vctx/{name}").exists()
+    assert str(RUN / name / "root") not in Path("/proc/self/mountinfo").read_text()
+    assert state(name) is None
+    assert not [p for p in pids if _alive(p)]
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for its reaper."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_boot_exec_stop(bb_home: Path, guest: str) -> None:
+    out = vctx(bb_home, "boot", guest).stdout
+    assert "booted" in out
+    st = state(guest)
+    assert st is not None
+    cfg = (bb_home / "guests" / guest / "guest.toml").read_text()
+    base = int(next(line for line in cfg.splitlines() if line.startswith("id_base")).split("=")[1])
+
+    def ex(*cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        return vctx(bb_home, "exec", guest, "--", *cmd, **kw)  # type: ignore[arg-type]
+
+    assert ex("cat", "/proc/1/comm").stdout.strip() == "init"  # PID 1 is the guest's init
+    pids = [int(p) for p in ex("sh", "-c", "ls /proc | grep -E '^[0-9]+$'").stdout.split()]
+    assert len(pids) < 10 and os.getpid() not in pids  # the host's processes are invisible
+    assert ex("hostname").stdout.strip() == guest
+    assert ex("cat", "/proc/self/uid_map").stdout.split() == ["0", str(base), "65536"]
+    assert ex("id", "-u").stdout.strip() == "0"
+    # guest root is an unprivileged host uid
+    assert Path(f"/proc/{st['init']}/status").read_text().split("\nUid:")[1].split()[0] == str(base)
+    assert ex("sh", "-c", "exit 7", check=False).returncode == 7
+    res = subprocess.run(
+        [sys.executable, "-m", "vctx", "exec", guest, "--", "sh", "-c", "tr a-z A-Z; echo err >&2"],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VCTX_HOME": str(bb_home)},
+    )
+    assert (res.stdout, res.stderr, res.returncode) == ("HELLO\n", "err\n", 0)
+    assert vctx(bb_home, "exec", guest, "--user", "nobody", "--", "id", "-u").stdout.strip() == "65534"
+    res = vctx(bb_home, "exec", guest, "--env", "X=42", "--workdir", "/etc", "--", "sh", "-c", "echo $X $(pwd)")
+    assert res.stdout.strip() == "42 /etc"
+    assert ex("no-such-program", check=False).returncode == 127
+    # the guest cannot see or reach the host's tree
+    assert not ex("ls", "/run/vctx", check=False).stdout
+
+    assert vctx(bb_home, "status", guest).returncode == 0
+    row = json.loads(vctx(bb_home, "list", "--json").stdout)
+    mine = next(r for r in row if r["name"] == guest)
+    assert mine["status"] == "running" and mine["proc"] >= 1 and mine["rss"] > 0
+    assert "CTX" in vctx(bb_home, "list").stdout
+    ps = json.loads(vctx(bb_home, "ps", "--json").stdout)
+    assert {"pid": st["init"], "guest": guest} == {
+        k: v for k, v in next(p for p in ps if p["pid"] == st["init"]).items() if k in ("pid", "guest")
+    }
+
+    inside = [int(p) for p in (CGROUP_V2 / guest / "cgroup.procs").read_text().split()]
+    vctx(bb_home, "stop", guest)
+    nothing_left(guest, [*inside, int(st["init"]), int(st["monitor"])])  # type: ignore[call-overload]
+    assert vctx(bb_home, "status", guest, check=False).returncode == 3
+    assert "not running" in fails(bb_home, 27, "stop", guest)
+    assert "not running" in fails(bb_home, 27, "exec", guest, "--", "true")
+
+
+def test_guest_survives_its_caller_and_reboots_and_halts(bb_home: Path, guest: str) -> None:
+    # the vctx command that booted it is gone; one running exec is killed outright
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vctx", "boot", guest],
+        env={**os.environ, "VCTX_HOME": str(bb_home)},
+        start_new_session=True,
+    )
+    p.wait()
+    first = state(guest)
+    assert first is not None
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "vctx", "exec", guest, "--", "sleep", "1000"],
+        env={**os.environ, "VCTX_HOME": str(bb_home)},
+        start_new_session=True,
+    )
+    assert _inotify_wait(CGROUP_V2 / guest, lambda: len((CGROUP_V2 / guest / "cgroup.procs").read_text().split()) >= 3)
+    os.killpg(runner.pid, signal.SIGKILL)
+    runner.wait()
+    assert vctx(bb_home, "exec", guest, "--", "true").returncode == 0
+
+    # reboot(2) inside: the same guest comes back with a new init
+    vctx(bb_home, "exec", guest, "--", "reboot")
+    assert _inotify_wait(RUN / guest, lambda: (s := state(guest)) is not None and s["init"] != first["init"])
+    assert vctx(bb_home, "exec", guest, "--", "hostname").stdout.strip() == guest
+
+    # poweroff inside: it stops, and nothing of it is left
+    st = state(guest)
+    assert st is not None
+    vctx(bb_home, "exec", guest, "--", "poweroff")
+    assert _pidfd_wait(int(st["monitor"]))  # type: ignore[call-overload]
+    nothing_left(guest, [int(st["init"])])  # type: ignore[call-overload]
+
+
+def test_limits_stay_inside(bb_home: Path, guest: str) -> None:
+    vctx(bb_home, "set", guest, "memory=32M", "pids=20")
+    vctx(bb_home, "boot", guest)
+    # 100 MiB in one buffer: the OOM killer takes the process, inside the guest only
+    res = vctx(bb_home, "exec", guest, "--", "dd", "if=/dev/zero", "of=/dev/null", "bs=100M", "count=1", check=False)
+    assert res.returncode == 128 + signal.SIGKILL
+    # a fork bomb meets the pids limit
+    res = vctx(
+        bb_home,
+        "exec",
+        guest,
+        "--",
+        "sh",
+        "-c",
+        "for i in $(seq 50); do sleep 1000 >/dev/null 2>&1 & done; wait",
+        check=False,
+    )
+    assert "can't fork" in res.stderr
+    stats = json.loads(vctx(bb_home, "status", guest, "--json").stdout)["stats"]
+    assert stats["pids"] <= 20 and stats.get("pids_hits", 0) >= 1
+    assert stats.get("memory_hits", 0) + stats.get("memory_oom_kill", 0) >= 1
+    assert vctx(bb_home, "exec", guest, "--", "true").returncode == 0  # the guest itself lives on
+    vctx(bb_home, "stop", guest)
+
+
+def test_enter_through_a_pty(bb_home: Path, guest: str) -> None:
+    vctx(bb_home, "boot", guest)
+    master, slave = os.openpty()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vctx", "enter", guest],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "VCTX_HOME": str(bb_home), "TERM": "dumb"},
+        start_new_session=True,
+    )
+    os.close(slave)
+    out = b""
+    sent = False
+    while select.select([master], [], [], 60)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break  # EIO: the session ended
+        if not chunk:
+            break
+        out += chunk
+        if b"\x1b[6n" in chunk:  # the shell's line editor asks where the cursor is
+            os.write(master, b"\x1b[1;1R")
+        if not sent and b"# " in out:  # type only once the shell is reading
+            os.write(master, b"tty; echo $((6*7)); exit\n")
+            sent = True
+    assert p.wait() == 0
+    text = out.decode(errors="replace")
+    assert "42" in text and "/dev/pts/" in text  # a pty of the guest's own devpts
+
+
+def test_bad_input(bb_home: Path, guest: str, tmp_path: Path) -> None:
+    assert "no guest" in fails(bb_home, 21, "boot", "nope")
+    assert "bad guest name" in fails(bb_home, 20, "boot", "Nope")
+    vctx(bb_home, "boot", guest)
+    assert "already running" in fails(bb_home, 26, "boot", guest)
+    assert "is running" in fails(bb_home, 26, "delete", guest)
+    vctx(bb_home, "stop", guest)
+    # a template without an init for its style
+    empty = tmp_path / "empty"
+    (empty / "etc").mkdir(parents=True)
+    vctx(bb_home, "template", "build", "noinit", "--from-dir", str(empty))
+    vctx(bb_home, "create", f"{guest}-x", "-t", "noinit", "--init", "busybox")
+    try:
+        assert "has no /sbin/init" in fails(bb_home, 25, "boot", f"{guest}-x")
+    finally:
+        vctx(bb_home, "delete", f"{guest}-x")
+    assert "unknown key" in fails(bb_home, 25, "set", guest, "colour=blue")
+    assert "not a int" in fails(bb_home, 25, "set", guest, "pids=many")
+    # a limit this host cannot apply (CPU 99 does not exist): one line, nothing left half set up
+    vctx(bb_home, "set", guest, "cpuset=99")
+    assert "cpuset" in fails(bb_home, 1, "boot", guest)
+    nothing_left(guest, [])
+
+
+@pytest.fixture(scope="module")
+def deb_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require(os.geteuid() == 0, "needs root")
+    require(shutil.which("debootstrap") is not None, "needs debootstrap")
+    home = tmp_path_factory.mktemp("deb") / "home"
+    vctx(home, "template", "build", "deb", "--from", "debian", "--suite", "bookworm", "--cache-dir", str(DEBS))
+    return home
+
+
+def test_debian_systemd_reaches_running(deb_home: Path) -> None:
+    name = f"d-{secrets.token_hex(3)}"
+    vctx(deb_home, "create", name, "-t", "deb")
+    try:
+        vctx(deb_home, "boot", name)
+        res = vctx(deb_home, "exec", name, "--", "systemctl", "is-system-running", "--wait", check=False)
+        assert res.stdout.strip() in ("running", "degraded"), res.stdout + res.stderr
+        failed = vctx(deb_home, "exec", name, "--", "systemctl", "--failed", "--no-legend", "--plain").stdout
+        assert res.stdout.strip() == "running", f"failed units: {failed}"
+        assert vctx(deb_home, "exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "systemd"
+        st = state(name)
+        assert st is not None
+        vctx(deb_home, "stop", name)
+        nothing_left(name, [int(st["init"])])  # type: ignore[call-overload]
+    finally:
+        if state(name) is not None:
+            vctx(deb_home, "stop", name, check=False)
+        vctx(deb_home, "delete", name, check=False)
