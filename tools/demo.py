@@ -1,146 +1,150 @@
-"""The main job: build a template, clone guests onto it, serve them with cowfs,
-run programs from them, change one, and show the disk saved.
+"""The main job: a Debian template, guests booted on copy-on-write clones of
+it, shown working, made to drift apart, unified back, and the disk saved.
 
-Guest boot (vctx boot) is not built yet; guests here are cowfs mounts that
-programs are run from with chroot — the file-system half of a guest, real.
+Everything runs in a throw-away vctx home (--keep to look around after).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from vctx.debian import minbase
+from vctx.debian import CACHE
 
 VENV_BIN = Path(sys.executable).parent
+VCTX = str(VENV_BIN / "vctx")
 COWFS = str(VENV_BIN / "cowfs")
 
 
-def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(args, text=True, capture_output=True)
+    if check and res.returncode != 0:
+        sys.exit(f"demo: {' '.join(args[:4])} failed: {res.stderr.strip()}")
+    return res
 
 
-def debian_template(dest: Path) -> str:
-    print("Debian bookworm minbase from the cache (debootstrapped on first use) ...", flush=True)
-    run("cp", "-a", str(minbase("bookworm")), str(dest))
-    return "Debian bookworm (debootstrap minbase)"
-
-
-def busybox_template(dest: Path) -> str:
-    for d in ("bin", "etc", "tmp", "root", "proc", "dev"):
-        (dest / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2("/bin/busybox", dest / "bin/busybox")
-    run("chroot", str(dest), "/bin/busybox", "--install", "-s", "/bin")
-    (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (dest / "etc/debian_version").write_text("busybox\n")
-    return "busybox-static"
-
-
-def disk_usage(trees: list[Path]) -> tuple[int, int]:
-    """(apparent bytes, bytes on disk counting each inode once) over trees."""
-    apparent, seen, used = 0, set(), 0
-    for t in trees:
-        for top, dirs, files in os.walk(t):
-            for n in dirs + files:
-                st = os.lstat(os.path.join(top, n))
-                apparent += st.st_blocks * 512
-                if (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    used += st.st_blocks * 512
-    return apparent, used
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+def step(msg: str) -> None:
+    print(f"\n== {msg}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--guests", type=int, default=10)
-    ap.add_argument("--work", default="/var/tmp/vctx-demo")
-    ap.add_argument("--busybox", action="store_true", help="a tiny busybox template instead of Debian")
-    ap.add_argument("--keep", action="store_true", help="leave the trees for inspection")
+    ap.add_argument("--busybox", action="store_true", help="A busybox template instead of Debian (no mirror needed).")
+    ap.add_argument("--keep", action="store_true", help="Leave the home, guests stopped, for a look around.")
     args = ap.parse_args()
-
-    work = Path(args.work)
-    for m in sorted(work.glob("mnt/*")):
-        subprocess.run([COWFS, "umount", "--lazy", str(m)], capture_output=True)
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "mnt").mkdir(parents=True)
-    template = work / "template"
-
-    print("== 1. template")
+    if os.geteuid() != 0:
+        sys.exit("demo: run as root (sudo tools/demo)")
+    home = Path(tempfile.mkdtemp(prefix="vctx-demo-", dir="/var/tmp"))
+    os.environ["VCTX_HOME"] = str(home)
+    names = [f"guest{i}" for i in range(args.guests)]
     try:
-        kind = busybox_template(template) if args.busybox else debian_template(template)
-    except (subprocess.CalledProcessError, OSError) as e:
-        print(f"   Debian template unavailable ({e}); using busybox-static")
-        shutil.rmtree(template, ignore_errors=True)
-        kind = busybox_template(template)
-    print(run(COWFS, "attr", "set", "--iunlink", "-R", str(template)).stdout.strip())
-    _, tpl_bytes = disk_usage([template])
-    print(f"   {kind}: {mib(tpl_bytes)} on disk")
+        t0 = time.monotonic()
+        if args.busybox:
+            step("template from busybox-static")
+            print(sh(VCTX, "template", "build", "tpl", "--from", "busybox").stdout.strip())
+        else:
+            step("template: Debian bookworm with systemd, by debootstrap (.debs cached in /var/cache/vctx/debs)")
+            print(
+                sh(
+                    VCTX, "template", "build", "tpl", "--from", "debian", "--cache-dir", str(CACHE / "debs")
+                ).stdout.strip()
+            )
+        print(f"   ({time.monotonic() - t0:.1f}s)")
 
-    print(f"== 2. clone {args.guests} guests (hard links to the template, marked)")
-    trees = []
-    for i in range(args.guests):
-        tree = work / f"guest{i:02d}"
-        out = run(COWFS, "clone", str(template), str(tree)).stdout.strip()
-        trees.append(tree)
-        if i == 0:
-            print(f"   guest00: {out}")
+        step(f"{len(names)} guests: copy-on-write clones of the template")
+        t0 = time.monotonic()
+        for n in names:
+            sh(VCTX, "create", n, "-t", "tpl")
+        print(f"   created in {time.monotonic() - t0:.2f}s")
+        print(
+            sh(
+                COWFS, "du", str(home / "templates/tpl/rootfs"), *(str(home / "guests" / n / "rootfs") for n in names)
+            ).stdout.splitlines()[-1]
+        )
 
-    print("== 3. serve each guest with cowfs and run programs from it")
-    mnts = []
-    t0 = time.monotonic()
-    for i, tree in enumerate(trees):
-        m = work / "mnt" / f"guest{i:02d}"
-        m.mkdir()
-        run(COWFS, "mount", str(tree), str(m))
-        mnts.append(m)
-    print(f"   {len(mnts)} mounts ready in {time.monotonic() - t0:.2f}s")
-    for i, m in enumerate(mnts):
-        run("chroot", str(m), "/bin/sh", "-c", f"echo guest{i:02d} > /etc/hostname")
-    for i in (0, len(mnts) - 1):
-        out = run(
-            "chroot",
-            str(mnts[i]),
-            "/bin/sh",
-            "-c",
-            "echo $(cat /etc/hostname) runs $(cat /etc/debian_version) with $(ls /usr/bin /bin | wc -l) programs",
-        ).stdout
-        print(f"   {out.strip()}")
+        step("boot them all: each its own init, namespaces, cgroups, cowfs root")
+        t0 = time.monotonic()
+        for n in names:
+            sh(VCTX, "boot", n)
+        print(f"   booted {len(names)} guests in {time.monotonic() - t0:.2f}s")
+        if not args.busybox:
+            t0 = time.monotonic()
+            states = {
+                sh(VCTX, "exec", n, "--", "systemctl", "is-system-running", "--wait", check=False).stdout.strip()
+                for n in names
+            }
+            print(f"   systemd in every guest: {', '.join(sorted(states))} ({time.monotonic() - t0:.2f}s more)")
+        print(sh(VCTX, "list").stdout)
 
-    print("== 4. a guest changes a shared file: only its own copy changes")
-    victim = "etc/debian_version"
-    with open(mnts[0] / victim, "a") as f:
-        f.write("changed by guest00\n")
-    print(f"   guest00 sees:  {(mnts[0] / victim).read_text().splitlines()[-1]!r}")
-    print(f"   guest01 sees:  {(mnts[1] / victim).read_text().splitlines()[-1]!r}")
-    print(f"   template has:  {(template / victim).read_text().splitlines()[-1]!r}")
-    shared = sum(1 for t in trees if os.stat(t / victim).st_ino == os.stat(template / victim).st_ino)
-    print(f"   {shared} of {len(trees)} guests still share the template's inode")
+        step("inside a guest")
+        g = names[0]
+        for cmd in (
+            ["hostname"],
+            ["id"],
+            ["cat", "/proc/self/uid_map"],
+            ["sh", "-c", "echo $(ls /proc | grep -c '^[0-9]') processes visible"],
+            ["cat", "/etc/debian_version"],
+        ):
+            out = sh(VCTX, "exec", g, "--", *cmd, check=False)
+            print(f"   {g}$ {' '.join(cmd)}\n     {(out.stdout or out.stderr).strip()}")
+        print(
+            "   (guest root is host uid",
+            json.loads(sh(VCTX, "status", g, "--json").stdout)["ctx"] * 65536,
+            "; the host's processes are invisible)",
+        )
 
-    print("== 5. disk")
-    apparent, _ = disk_usage(trees)
-    _, used_all = disk_usage([template, *trees])
-    beyond = used_all - tpl_bytes
-    print(f"   {len(trees)} guests as full copies would take: {mib(apparent)}")
-    print(f"   {len(trees)} guests take beyond the template:  {mib(beyond)} (directories, symlinks, private copies)")
-    saved = 1 - used_all / (apparent + tpl_bytes)
-    print(
-        f"   template + {len(trees)} guests: {mib(used_all)} instead of {mib(tpl_bytes + apparent)}: {saved:.0%} saved"
-    )
+        step("a write breaks the link for that guest only")
+        sh(VCTX, "exec", g, "--", "sh", "-c", "echo changed by guest0 >> /etc/issue")
+        print("   guest0:", sh(VCTX, "exec", g, "--", "tail", "-n1", "/etc/issue").stdout.strip())
+        print(
+            "   guest1:", sh(VCTX, "exec", names[1], "--", "tail", "-n1", "/etc/issue").stdout.strip() or "(unchanged)"
+        )
+        print("   template:", (home / "templates/tpl/rootfs/etc/issue").read_text().strip().splitlines()[-1])
 
-    for m in mnts:
-        run(COWFS, "umount", str(m))
-    print(f"== done: {len(mnts)} mounts unmounted cleanly")
-    if not args.keep:
-        shutil.rmtree(work)
+        step("stop them all: nothing of any guest remains")
+        t0 = time.monotonic()
+        for n in names:
+            sh(VCTX, "stop", n)
+        rows = json.loads(sh(VCTX, "list", "--json").stdout)
+        left = sum(r["proc"] for r in rows) + sum(r["status"] == "running" for r in rows)
+        print(f"   stopped in {time.monotonic() - t0:.2f}s; guest processes left: {left}")
+
+        step("drift: each guest gets the same new files by its own copy (as a package install would)")
+        blob = os.urandom(4 << 20)
+        for n in names:
+            d = home / "guests" / n / "rootfs/usr/local/lib/app"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(5):
+                (d / f"part{i}.bin").write_bytes(blob[i * 700_000 :])
+                os.utime(d / f"part{i}.bin", (1_700_000_000, 1_700_000_000))  # as dpkg sets them
+        trees = [str(home / "guests" / n / "rootfs") for n in names]
+        print("   " + sh(COWFS, "du", str(home / "templates/tpl/rootfs"), *trees).stdout.splitlines()[-1])
+
+        step("unify: fold equal files back into shared, marked inodes")
+        print(sh(COWFS, "unify", "--store", str(home / "store"), *trees).stdout.rstrip())
+        print()
+        print(sh(COWFS, "du", str(home / "templates/tpl/rootfs"), *trees, str(home / "store")).stdout.rstrip())
+
+        step("and they boot again on the unified trees")
+        for n in names[:3]:
+            sh(VCTX, "boot", n)
+            print(f"   {n}: {sh(VCTX, 'exec', n, '--', 'md5sum', '/usr/local/lib/app/part0.bin').stdout.split()[0]}")
+            sh(VCTX, "stop", n)
+    finally:
+        for n in names:
+            subprocess.run([VCTX, "stop", n], capture_output=True)
+        if args.keep:
+            print(f"\nkept: VCTX_HOME={home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -240,13 +240,20 @@ def set_cmd(ctx: click.Context, name: str, assignments: tuple[str, ...]) -> None
 
 @main.command(name="boot")
 @click.argument("name")
+@click.option("--wait", is_flag=True, help="Return once systemd reports the system running (or degraded).")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
 @click.pass_context
-def boot_cmd(ctx: click.Context, name: str) -> None:
+def boot_cmd(ctx: click.Context, name: str, wait: bool, timeout: float) -> None:
     """Boot guest NAME: mount its tree, start its init in a new context."""
     from . import runtime
 
     r = runtime.boot(_home(ctx), name)
     click.echo(f"booted {name}: init pid {r.init}, monitor pid {r.monitor}")
+    if wait and r.style == "systemd":
+        state = runtime.wait_systemd(name, timeout)
+        click.echo(f"{name}: {state}")
+        if state not in ("running", "degraded"):
+            sys.exit(1)
 
 
 main.add_command(boot_cmd, name="start")

@@ -208,3 +208,26 @@ def read_stat(pid: int) -> tuple[int, int]:
     except OSError:
         return 0, 0
     return int(fields[20]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def wait_systemd(name: str, timeout: float) -> str:
+    """systemd's own verdict once boot is over: running, degraded, ...
+
+    `systemctl is-system-running --wait` needs systemd's bus, which appears a
+    moment after init starts: until then it fails at once, and is asked again.
+    """
+    deadline = time.monotonic() + timeout
+    cmd = [sys.executable, "-m", "vctx", "exec", name, "--", "systemctl", "is-system-running", "--wait"]
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(left, 0.1))
+        except subprocess.TimeoutExpired:
+            return "timed out"
+        if res.stdout.strip():
+            return res.stdout.strip()
+        if running(name) is None:
+            return "stopped"
+        if time.monotonic() > deadline:
+            return "timed out"
+        time.sleep(0.05)  # the bus is not there yet
