@@ -221,9 +221,11 @@ class Served:
             tmp.rename(self.state)
         log.info("serving %s on %s (%d temporaries cleaned)", backing, mountpoint, self.tree.stats.temps_removed)
 
-    def run(self, companion: Callable[[], Awaitable[None]] | None = None) -> None:
+    def run(self, companion: Callable[[], Awaitable[None]] | None = None, on_signals: bool = True) -> None:
         """Serve until unmounted (or, with a companion task, until it returns:
-        then the mount is detached and serving ends when its last user goes)."""
+        then the mount is detached and serving ends when its last user goes).
+        on_signals: SIGTERM/SIGINT detach the mount (a companion may want
+        them for itself)."""
         import trio
 
         from .fs import INIT_FLAGS
@@ -246,7 +248,8 @@ class Served:
                     await companion()
                     umount(self.mountpoint, lazy=True)
 
-                nursery.start_soon(on_signal)
+                if on_signals:
+                    nursery.start_soon(on_signal)
                 if companion is not None:
                     nursery.start_soon(with_companion)
                 await session.serve()

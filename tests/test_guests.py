@@ -180,6 +180,17 @@ def test_guest_survives_its_caller_and_reboots_and_halts(bb_home: Path, guest: s
     nothing_left(guest, [int(st["init"])])  # type: ignore[call-overload]
 
 
+def test_sigterm_to_the_monitor_shuts_the_guest_down(bb_home: Path, guest: str) -> None:
+    vctx(bb_home, "boot", guest)
+    st = state(guest)
+    assert st is not None
+    os.kill(int(st["monitor"]), signal.SIGTERM)  # type: ignore[call-overload]
+    assert _pidfd_wait(int(st["monitor"]))  # type: ignore[call-overload]
+    nothing_left(guest, [int(st["init"])])  # type: ignore[call-overload]
+    log = (bb_home / "guests" / guest / "monitor.log").read_text()
+    assert "asked to stop" in log and log.index("asked to stop") < log.rindex(": halt")  # a shutdown, not a kill
+
+
 def test_limits_stay_inside(bb_home: Path, guest: str) -> None:
     vctx(bb_home, "set", guest, "memory=32M", "pids=20")
     vctx(bb_home, "boot", guest)

@@ -256,6 +256,7 @@ class Monitor:
         self.tell("ok")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._drain_console)
+            nursery.start_soon(self._on_signals)
             pidfd = k.pidfd_open(self.init_pid)
             try:
                 await trio.lowlevel.wait_readable(pidfd)
@@ -268,6 +269,26 @@ class Monitor:
             # The kernel kills the rest of the PID namespace; wait until it is gone.
             await self._wait_empty()
             nursery.cancel_scope.cancel()
+
+    async def _on_signals(self) -> None:
+        """SIGTERM to the monitor (a host shutdown, an admin's kill) shuts
+        the guest down the way `vctx stop` asks it, not by pulling its root."""
+        import trio
+
+        from .runtime import halt_signal
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for _ in sigs:
+                sig = halt_signal(self.g.cfg.init)
+                log.info("%s: asked to stop", self.name)
+                if sig is None:  # sysvinit: telinit, from inside
+                    cmd = [sys.executable, "-m", "vctx", "exec", self.name, "--", "/sbin/telinit", "0"]
+                    await trio.run_process(cmd, check=False, env={**os.environ, "VCTX_HOME": str(self.home.root)})
+                    continue
+                try:
+                    os.kill(self.init_pid, sig)
+                except ProcessLookupError:
+                    return
 
     async def _wait_empty(self) -> None:
         import trio
@@ -306,7 +327,7 @@ class Monitor:
     def run(self) -> str:
         assert self.served is not None
         try:
-            self.served.run(self.supervise)
+            self.served.run(self.supervise, on_signals=False)
         finally:
             self.teardown()
         if self.failure is not None:
