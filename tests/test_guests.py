@@ -297,3 +297,24 @@ def test_debian_systemd_reaches_running(deb_home: Path) -> None:
         if state(name) is not None:
             vctx(deb_home, "stop", name, check=False)
         vctx(deb_home, "delete", name, check=False)
+
+
+def test_debian_sysvinit_reaches_its_runlevel(deb_home: Path) -> None:
+    vctx(deb_home, "template", "build", "sysv", "--from", "debian", "--init", "sysvinit", "--cache-dir", str(DEBS))
+    name = f"s-{secrets.token_hex(3)}"
+    vctx(deb_home, "create", name, "-t", "sysv")
+    try:
+        vctx(deb_home, "boot", name)
+        assert vctx(deb_home, "exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "init"
+        st = state(name)
+        assert st is not None
+        # sysvinit has no readiness signal: the guest's own utmp says when rc has run
+        wait = 'until [ "$(runlevel)" = "N 2" ]; do sleep 0.05; done; runlevel'
+        assert vctx(deb_home, "exec", name, "--", "timeout", "60", "sh", "-c", wait).stdout.strip() == "N 2"
+        vctx(deb_home, "stop", name)  # telinit 0, from inside
+        nothing_left(name, [int(st["init"])])  # type: ignore[call-overload]
+        assert ": halt" in (deb_home / "guests" / name / "monitor.log").read_text()
+    finally:
+        if state(name) is not None:
+            vctx(deb_home, "stop", name, check=False)
+        vctx(deb_home, "delete", name, check=False)

@@ -152,11 +152,10 @@ def stop(home: Home, name: str, timeout: float = 30.0) -> None:
     try:
         if sig is not None:
             os.kill(r.init, sig)
-        else:  # sysvinit: telinit through its control channel
-            from .enter import exec_in
-
-            exec_in(home, name, ["/sbin/telinit", "0"], stdio=False)
-    except (ProcessLookupError, errors.VctxError):
+        else:  # sysvinit: telinit, from inside (a child: joining the guest is for good)
+            cmd = [sys.executable, "-m", "vctx", "exec", name, "--", "/sbin/telinit", "0"]
+            subprocess.run(cmd, capture_output=True, timeout=timeout, env={**os.environ, "VCTX_HOME": str(home.root)})
+    except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     if not _wait_gone(r.monitor, timeout):
         # Shutdown took too long: the kill sequence on the whole context.
