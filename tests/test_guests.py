@@ -18,6 +18,8 @@ import pytest
 from conftest import require
 from test_templates import DEBS, fails, vctx
 
+from vctx.cgroups import GuestCgroups
+
 RUN = Path("/run/vctx")
 CGROUP_V2 = Path("/sys/fs/cgroup/unified/vctx")
 
@@ -213,6 +215,12 @@ def test_limits_stay_inside(bb_home: Path, guest: str) -> None:
     assert stats["pids"] <= 20 and stats.get("pids_hits", 0) >= 1
     assert stats.get("memory_hits", 0) + stats.get("memory_oom_kill", 0) >= 1
     assert vctx(bb_home, "exec", guest, "--", "true").returncode == 0  # the guest itself lives on
+    # limits change on the running guest
+    assert "applied" in vctx(bb_home, "set", guest, "pids=64").stdout
+    node = GuestCgroups(guest).node_for("pids")
+    assert node is not None
+    pids_max = node / "pids.max"
+    assert pids_max.read_text().strip() == "64"
     vctx(bb_home, "stop", guest)
 
 

@@ -108,7 +108,7 @@ class GuestCgroups:
 
     # --- where a controller lives ---------------------------------------------------
 
-    def _has(self, ctl: str) -> Path | None:
+    def node_for(self, ctl: str) -> Path | None:
         """The node holding ctl's files, or None if the host has no such controller."""
         if ctl in self.layout.v1:
             root = self.layout.v1[ctl]
@@ -184,10 +184,10 @@ class GuestCgroups:
             "io": limits.io_weight is not None,
         }
         for ctl, want in wants.items():
-            if want and self._has("blkio" if ctl == "io" and "blkio" in self.layout.v1 else ctl) is None:
+            if want and self.node_for("blkio" if ctl == "io" and "blkio" in self.layout.v1 else ctl) is None:
                 raise errors.HostLacks(f"this host has no {ctl} cgroup controller: remove the {ctl} limit")
         if limits.swap is not None:
-            mem = self._has("memory")
+            mem = self.node_for("memory")
             assert mem is not None
             f = "memory.swap.max" if "memory" not in self.layout.v1 else "memory.memsw.limit_in_bytes"
             probe = mem.parent / f
@@ -199,7 +199,7 @@ class GuestCgroups:
     def apply(self, limits: Limits) -> None:
         v1 = self.layout.v1
         if limits.memory is not None or limits.swap is not None:
-            node = self._has("memory")
+            node = self.node_for("memory")
             assert node is not None
             mem = parse_size(limits.memory, "memory") if limits.memory is not None else None
             swap = parse_size(limits.swap, "swap") if limits.swap is not None else None
@@ -213,7 +213,7 @@ class GuestCgroups:
                 if swap is not None:
                     _write(node / "memory.swap.max", str(swap))
         if limits.cpus is not None or limits.cpu_weight is not None:
-            node = self._has("cpu")
+            node = self.node_for("cpu")
             assert node is not None
             quota = int(limits.cpus * PERIOD_US) if limits.cpus is not None else None
             if "cpu" in v1:
@@ -228,11 +228,11 @@ class GuestCgroups:
                 if limits.cpu_weight is not None:
                     _write(node / "cpu.weight", str(limits.cpu_weight))
         if limits.cpuset is not None:
-            node = self._has("cpuset")
+            node = self.node_for("cpuset")
             assert node is not None
             _write(node / "cpuset.cpus", limits.cpuset)
         if limits.pids is not None:
-            node = self._has("pids")
+            node = self.node_for("pids")
             assert node is not None
             _write(node / "pids.max", str(limits.pids))
         if limits.io_weight is not None:
@@ -246,7 +246,7 @@ class GuestCgroups:
                 else:
                     raise errors.HostLacks("this host's block layer has no IO weights (no BFQ scheduler)")
             else:
-                node = self._has("io")
+                node = self.node_for("io")
                 assert node is not None
                 _write(node / "io.weight", f"default {limits.io_weight}")
 
@@ -328,7 +328,7 @@ class GuestCgroups:
                 k, _, v = line.partition(" ")
                 if k in ("user", "system"):
                     out[f"{k}_usec"] = int(v) * 1_000_000 // hz
-        mem = self._has("memory")
+        mem = self.node_for("memory")
         if mem is not None:
             f = "memory.usage_in_bytes" if "memory" in self.layout.v1 else "memory.current"
             if (mem / f).exists():
@@ -340,7 +340,7 @@ class GuestCgroups:
                     k, _, v = line.partition(" ")
                     if k in ("max", "oom_kill"):
                         out[f"memory_{k}"] = int(v)
-        pids = self._has("pids")
+        pids = self.node_for("pids")
         if pids is not None:
             out["pids"] = int(_read(pids / "pids.current") or 0)
             for line in _read(pids / "pids.events").splitlines():

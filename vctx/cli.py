@@ -230,9 +230,21 @@ def delete(ctx: click.Context, name: str) -> None:
 @click.argument("assignments", nargs=-1, required=True)
 @click.pass_context
 def set_cmd(ctx: click.Context, name: str, assignments: tuple[str, ...]) -> None:
-    """Change guest NAME's config: memory=512M cpus=1.5 pids=512 hostname=... (takes effect at boot)."""
-    guests.set_keys(_home(ctx), name, list(assignments))
-    click.echo(f"updated {name}")
+    """Change guest NAME's config: memory=512M cpus=1.5 pids=512 hostname=...
+
+    Limits take effect at once on a running guest; the rest at its next boot.
+    """
+    from . import runtime
+    from .cgroups import GuestCgroups
+
+    cfg = guests.set_keys(_home(ctx), name, list(assignments))
+    if runtime.running(name) is not None:
+        cg = GuestCgroups(name)
+        cg.check(cfg.limits)
+        cg.apply(cfg.limits)
+        click.echo(f"updated {name} (limits applied to the running guest)")
+    else:
+        click.echo(f"updated {name}")
 
 
 # --- running guests --------------------------------------------------------------------
