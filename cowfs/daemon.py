@@ -332,7 +332,8 @@ def mount(backing: str, mountpoint: str, opts: MountOptions, foreground: bool = 
     raise errors.DaemonFailed(f"the cowfs daemon for {mountpoint} died before the mount was ready")
 
 
-def _wait_pid_exit(pid: int, timeout: float) -> bool:
+def wait_pid_exit(pid: int, timeout: float) -> bool:
+    """True once pid has exited (at once if it is gone), False after timeout seconds."""
     try:
         pfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -375,5 +376,5 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 60.0) -> None:
         raise
     if lazy or pid is None:
         return
-    if not _wait_pid_exit(pid, timeout):
+    if not wait_pid_exit(pid, timeout):
         raise errors.DaemonFailed(f"the cowfs daemon (pid {pid}) did not exit within {timeout:.0f}s")

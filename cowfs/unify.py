@@ -347,7 +347,7 @@ def _scan(
 
     def scan_tree(i: int) -> tuple[list[tuple[str, os.stat_result]], UnifyStats]:
         root, times, part = roots[i], dir_times_of[i], UnifyStats()
-        dir_times(root, "", os.fstat(root), times)
+        dir_times("", os.fstat(root), times)
         excluded = Matcher(patterns, conffiles(root) if opts.default_excludes else ())
         dirs = DirCache(root)
         found = []
@@ -361,7 +361,7 @@ def _scan(
         try:
             for rel, st in walk(root, skip, files_only=True):
                 if not stat.S_ISREG(st.st_mode):
-                    dir_times(root, rel, st, times)
+                    dir_times(rel, st, times)
                     continue
                 d, base = split(rel)
                 if breaking.is_temp_name(base.encode()):
@@ -627,9 +627,9 @@ def revert(trees: list[str], store_path: str | None, dry_run: bool = False) -> R
 def _revert_tree(root: int, stats: RevertStats, dry_run: bool) -> None:
     inodes: dict[int, _Inode] = {}
     times: dict[str, tuple[int, int]] = {}
-    dir_times(root, "", os.fstat(root), times)
+    dir_times("", os.fstat(root), times)
     for rel, st in walk(root):
-        dir_times(root, rel, st, times)
+        dir_times(rel, st, times)
         if stat.S_ISREG(st.st_mode) and not breaking.is_temp_name(split(rel)[1].encode()):
             stats.files += 1
             inodes.setdefault(st.st_ino, _Inode(st)).names.append((0, rel))

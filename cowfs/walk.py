@@ -97,7 +97,8 @@ def split(rel: str) -> tuple[str, str]:
     return d, base
 
 
-def dir_times(root_fd: int, rel: str, st: os.stat_result, into: dict[str, tuple[int, int]]) -> None:
+def dir_times(rel: str, st: os.stat_result, into: dict[str, tuple[int, int]]) -> None:
+    """Record a directory's atime and mtime, to put them back later."""
     if stat.S_ISDIR(st.st_mode):
         into[rel] = (st.st_atime_ns, st.st_mtime_ns)
 

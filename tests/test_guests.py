@@ -18,6 +18,7 @@ import pytest
 from conftest import require
 from test_templates import DEBS, fails, vctx
 
+from cowfs.daemon import wait_pid_exit
 from vctx.cgroups import GuestCgroups
 
 RUN = Path("/run/vctx")
@@ -36,17 +37,6 @@ def _inotify_wait(directory: Path, cond: Callable[[], bool], timeout: float = 60
                 return cond()
             os.read(fd, 65536)
         return True
-    finally:
-        os.close(fd)
-
-
-def _pidfd_wait(pid: int, timeout: float = 60.0) -> bool:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
     finally:
         os.close(fd)
 
@@ -178,7 +168,7 @@ def test_guest_survives_its_caller_and_reboots_and_halts(bb_home: Path, guest: s
     st = state(guest)
     assert st is not None
     vctx(bb_home, "exec", guest, "--", "poweroff")
-    assert _pidfd_wait(int(st["monitor"]))  # type: ignore[call-overload]
+    assert wait_pid_exit(int(st["monitor"]), 60.0)  # type: ignore[call-overload]
     nothing_left(guest, [int(st["init"])])  # type: ignore[call-overload]
 
 
@@ -187,7 +177,7 @@ def test_sigterm_to_the_monitor_shuts_the_guest_down(bb_home: Path, guest: str) 
     st = state(guest)
     assert st is not None
     os.kill(int(st["monitor"]), signal.SIGTERM)  # type: ignore[call-overload]
-    assert _pidfd_wait(int(st["monitor"]))  # type: ignore[call-overload]
+    assert wait_pid_exit(int(st["monitor"]), 60.0)  # type: ignore[call-overload]
     nothing_left(guest, [int(st["init"])])  # type: ignore[call-overload]
     log = (bb_home / "guests" / guest / "monitor.log").read_text()
     assert "asked to stop" in log and log.index("asked to stop") < log.rindex(": halt")  # a shutdown, not a kill

@@ -76,7 +76,7 @@ def _join(name: str, init: int) -> None:
             leaf = node / "vctx-exec"
             leaf.mkdir(exist_ok=True)
             (leaf / "cgroup.procs").write_text(str(os.getpid()))
-    fd = k.pidfd_open(init)
+    fd = os.pidfd_open(init)
     try:
         k.setns(fd, NS)
     finally:

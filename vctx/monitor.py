@@ -67,16 +67,6 @@ class BootError(Exception):
         self.code = code
 
 
-def _read_line(fd: int) -> bytes:
-    out = b""
-    while not out.endswith(b"\n"):
-        b = os.read(fd, 1)
-        if not b:
-            break
-        out += b
-    return out
-
-
 def _launcher(spec: Spec, to_c: int, from_c: int, err_w: int) -> None:
     """The forked launcher: unshare, become root of the new user namespace,
     fork PID 1 and report its pid.  Never returns."""
@@ -257,7 +247,7 @@ class Monitor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._drain_console)
             nursery.start_soon(self._on_signals)
-            pidfd = k.pidfd_open(self.init_pid)
+            pidfd = os.pidfd_open(self.init_pid)
             try:
                 await trio.lowlevel.wait_readable(pidfd)
             finally:

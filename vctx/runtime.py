@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfs.daemon import find_mount
+from cowfs.daemon import find_mount, wait_pid_exit
 
 from . import errors
 from . import guest as guests
@@ -124,17 +124,6 @@ def _read_all(fd: int, timeout: float) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    try:
-        fd = k.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
-
-
 def halt_signal(style: str) -> int | None:
     """How each init style is asked to power off (None: run a command)."""
     return {"systemd": k.rtmin(3), "busybox": int(signal.SIGUSR2), "plain": int(signal.SIGTERM)}.get(style)
@@ -157,12 +146,12 @@ def stop(home: Home, name: str, timeout: float = 30.0) -> None:
             subprocess.run(cmd, capture_output=True, timeout=timeout, env={**os.environ, "VCTX_HOME": str(home.root)})
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
-    if not _wait_gone(r.monitor, timeout):
+    if not wait_pid_exit(r.monitor, timeout):
         # Shutdown took too long: the kill sequence on the whole context.
         GuestCgroups(name).kill()
-        if not _wait_gone(r.monitor, 10.0):
+        if not wait_pid_exit(r.monitor, 10.0):
             os.kill(r.monitor, signal.SIGKILL)
-            _wait_gone(r.monitor, 10.0)
+            wait_pid_exit(r.monitor, 10.0)
     cleanup(name)
 
 

@@ -1,23 +1,20 @@
 """Every namespace, mount and process syscall vctx makes, in one thin module.
 
 The stdlib has fork, unshare (3.12+ only), setresuid and the like; what it
-lacks here (unshare and setns on 3.11, pivot_root, mount_setattr, pidfd
-calls, sethostname, prctl, capset) is bound with ctypes.  Each failure is
+lacks here (unshare and setns on 3.11, pivot_root, mount_setattr, sethostname,
+prctl) is bound with ctypes.  Each failure is
 an OSError naming the call and its object.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import os
 import signal
 
-from cowfs.sys import _check
+from cowfs.sys import _check, _libc
 from cowfs.sys import mount as _mount
 from cowfs.sys import umount as _umount
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
@@ -27,31 +24,21 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
 
-MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
-MS_REMOUNT = 32
 MS_BIND = 4096
-MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MNT_DETACH = 2
 
 SYS_pivot_root = 155
-SYS_pidfd_send_signal = 424
-SYS_pidfd_open = 434
 SYS_mount_setattr = 442
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 
-PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
-PR_SET_NO_NEW_PRIVS = 38
 CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 
 mount = _mount
@@ -93,19 +80,6 @@ def make_readonly_recursive(path: str) -> None:
     _check(ret, "mount_setattr", path)
 
 
-def pidfd_open(pid: int) -> int:
-    fd = _syscall(SYS_pidfd_open, ctypes.c_int(pid), ctypes.c_uint(0))
-    _check(fd, "pidfd_open", pid)
-    return int(fd)
-
-
-def pidfd_send_signal(pidfd: int, sig: int) -> None:
-    _check(
-        _syscall(SYS_pidfd_send_signal, ctypes.c_int(pidfd), ctypes.c_int(sig), None, ctypes.c_uint(0)),
-        "pidfd_send_signal",
-    )
-
-
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), "sethostname", name)
@@ -133,7 +107,3 @@ def drop_bounding(caps: list[int]) -> None:
 
 def rtmin(n: int = 0) -> int:
     return int(signal.SIGRTMIN) + n
-
-
-def close_range_from(lowfd: int) -> None:
-    os.closerange(lowfd, 1 << 16)
