@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from typing import Any
 
 import click
 
 from . import __version__, attr, errors
 from . import du as du_mod
 from . import unify as unify_mod
+from .cligroup import ErrorsToExitCodes
 from .clone import clone as do_clone
 from .daemon import MountOptions
 from .daemon import mount as do_mount
@@ -21,25 +20,7 @@ from .idmap import IdMap
 from .progress import human, terminal_progress
 
 
-class _Group(click.Group):
-    """Turns user errors into one line on stderr and a distinct exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except errors.CowfsError as e:
-            click.echo(f"cowfs: {e}", err=True)
-            sys.exit(e.exit_code)
-        except OSError as e:
-            where = f": {e.filename}" if e.filename else ""
-            click.echo(f"cowfs: {e.strerror or e}{where}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("cowfs: interrupted", err=True)
-            sys.exit(130)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorsToExitCodes, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cowfs")
 def main() -> None:
     """Copy-on-write template filesystem: guests' trees as hard links to a template."""

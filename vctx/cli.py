@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from cowfs import errors as cowfs_errors
+from cowfs.cligroup import ErrorsToExitCodes
 from cowfs.progress import human
 
 from . import __version__, errors
@@ -20,22 +21,9 @@ from .home import Home
 from .host import probe
 
 
-class _Group(click.Group):
-    """Turns user errors into one line on stderr and a distinct exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (errors.VctxError, cowfs_errors.CowfsError) as e:
-            click.echo(f"vctx: {e}", err=True)
-            sys.exit(e.exit_code)
-        except OSError as e:
-            where = f": {e.filename}" if e.filename else ""
-            click.echo(f"vctx: {e.strerror or e}{where}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("vctx: interrupted", err=True)
-            sys.exit(130)
+class _Group(ErrorsToExitCodes):
+    prog = "vctx"
+    user_errors = (errors.VctxError, cowfs_errors.CowfsError)
 
 
 def _home(ctx: click.Context) -> Home:
