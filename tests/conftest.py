@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -150,3 +151,38 @@ def umount_stats(g: Guest) -> dict[str, int]:
     last = [line for line in g.log.read_text().splitlines() if "stopped:" in line][-1]
     words = last.split("stopped:")[1].replace(",", "").split()
     return {"breaks": int(words[0]), "unmarks": int(words[2])}
+
+
+# --- vctx ----------------------------------------------------------------------
+
+DEBS = Path(os.environ.get("VCTX_DEB_CACHE", "/var/cache/vctx/debs"))
+
+
+def vctx(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        [sys.executable, "-m", "vctx", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VCTX_HOME": str(home)},
+    )
+    if check and res.returncode != 0:
+        raise AssertionError(f"vctx {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+    return res
+
+
+def fails(home: Path, code: int, *args: str) -> str:
+    res = vctx(home, *args, check=False)
+    assert res.returncode == code, (args, res.returncode, res.stderr)
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
+    return res.stderr
+
+
+@pytest.fixture(scope="session")
+def debian_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    require(os.geteuid() == 0, "needs root")
+    require(shutil.which("debootstrap") is not None, "needs debootstrap")
+    home = tmp_path_factory.mktemp("debian") / "home"
+    # One Debian template per run, shared by the template and guest tests;
+    # the .debs are cached across runs, so the mirror is needed once.
+    vctx(home, "template", "build", "deb", "--from", "debian", "--suite", "bookworm", "--cache-dir", str(DEBS))
+    yield home

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require
-from test_templates import DEBS, fails, vctx
+from conftest import DEBS, fails, require, vctx
 
 from cowfs.daemon import wait_pid_exit
 from vctx.cgroups import GuestCgroups
@@ -270,49 +268,40 @@ def test_bad_input(bb_home: Path, guest: str, tmp_path: Path) -> None:
     nothing_left(guest, [])
 
 
-@pytest.fixture(scope="module")
-def deb_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require(os.geteuid() == 0, "needs root")
-    require(shutil.which("debootstrap") is not None, "needs debootstrap")
-    home = tmp_path_factory.mktemp("deb") / "home"
-    vctx(home, "template", "build", "deb", "--from", "debian", "--suite", "bookworm", "--cache-dir", str(DEBS))
-    return home
-
-
-def test_debian_systemd_reaches_running(deb_home: Path) -> None:
+def test_debian_systemd_reaches_running(debian_home: Path) -> None:
     name = f"d-{secrets.token_hex(3)}"
-    vctx(deb_home, "create", name, "-t", "deb")
+    vctx(debian_home, "create", name, "-t", "deb")
     try:
-        res = vctx(deb_home, "boot", "--wait", name, check=False)
-        failed = vctx(deb_home, "exec", name, "--", "systemctl", "--failed", "--no-legend", "--plain").stdout
+        res = vctx(debian_home, "boot", "--wait", name, check=False)
+        failed = vctx(debian_home, "exec", name, "--", "systemctl", "--failed", "--no-legend", "--plain").stdout
         assert res.stdout.splitlines()[-1] == f"{name}: running", f"{res.stdout} {res.stderr} failed units: {failed}"
-        assert vctx(deb_home, "exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "systemd"
+        assert vctx(debian_home, "exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "systemd"
         st = state(name)
         assert st is not None
-        vctx(deb_home, "stop", name)
+        vctx(debian_home, "stop", name)
         nothing_left(name, [int(st["init"])])  # type: ignore[call-overload]
     finally:
         if state(name) is not None:
-            vctx(deb_home, "stop", name, check=False)
-        vctx(deb_home, "delete", name, check=False)
+            vctx(debian_home, "stop", name, check=False)
+        vctx(debian_home, "delete", name, check=False)
 
 
-def test_debian_sysvinit_reaches_its_runlevel(deb_home: Path) -> None:
-    vctx(deb_home, "template", "build", "sysv", "--from", "debian", "--init", "sysvinit", "--cache-dir", str(DEBS))
+def test_debian_sysvinit_reaches_its_runlevel(debian_home: Path) -> None:
+    vctx(debian_home, "template", "build", "sysv", "--from", "debian", "--init", "sysvinit", "--cache-dir", str(DEBS))
     name = f"s-{secrets.token_hex(3)}"
-    vctx(deb_home, "create", name, "-t", "sysv")
+    vctx(debian_home, "create", name, "-t", "sysv")
     try:
-        vctx(deb_home, "boot", name)
-        assert vctx(deb_home, "exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "init"
+        vctx(debian_home, "boot", name)
+        assert vctx(debian_home, "exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "init"
         st = state(name)
         assert st is not None
         # sysvinit has no readiness signal: the guest's own utmp says when rc has run
         wait = 'until [ "$(runlevel)" = "N 2" ]; do sleep 0.05; done; runlevel'
-        assert vctx(deb_home, "exec", name, "--", "timeout", "60", "sh", "-c", wait).stdout.strip() == "N 2"
-        vctx(deb_home, "stop", name)  # telinit 0, from inside
+        assert vctx(debian_home, "exec", name, "--", "timeout", "60", "sh", "-c", wait).stdout.strip() == "N 2"
+        vctx(debian_home, "stop", name)  # telinit 0, from inside
         nothing_left(name, [int(st["init"])])  # type: ignore[call-overload]
-        assert ": halt" in (deb_home / "guests" / name / "monitor.log").read_text()
+        assert ": halt" in (debian_home / "guests" / name / "monitor.log").read_text()
     finally:
         if state(name) is not None:
-            vctx(deb_home, "stop", name, check=False)
-        vctx(deb_home, "delete", name, check=False)
+            vctx(debian_home, "stop", name, check=False)
+        vctx(debian_home, "delete", name, check=False)

@@ -6,40 +6,17 @@ import gzip
 import io
 import json
 import os
-import shutil
 import subprocess
-import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cowfs, require
+from conftest import cowfs, fails, require, vctx
 
 from vctx import idrange
 from vctx.home import Home
 
 MARK = "trusted.cowfs.iunlink"
-DEBS = Path(os.environ.get("VCTX_DEB_CACHE", "/var/cache/vctx/debs"))
-
-
-def vctx(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(
-        [sys.executable, "-m", "vctx", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "VCTX_HOME": str(home)},
-    )
-    if check and res.returncode != 0:
-        raise AssertionError(f"vctx {' '.join(args)} failed ({res.returncode}): {res.stderr}")
-    return res
-
-
-def fails(home: Path, code: int, *args: str) -> str:
-    res = vctx(home, *args, check=False)
-    assert res.returncode == code, (args, res.returncode, res.stderr)
-    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
-    return res.stderr
 
 
 @pytest.fixture
@@ -213,16 +190,6 @@ def test_import_tar_cannot_escape(home: Path, tmp_path: Path) -> None:
     assert "cannot unpack" in fails(home, 24, "template", "build", "tj", "--from-tar", str(tmp_path / "junk.tar"))
     assert not (home / "templates/tj").exists()
     assert "exactly one" in fails(home, 2, "template", "build", "x", "--from", "busybox", "--from-tar", str(tar))
-
-
-@pytest.fixture(scope="session")
-def debian_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    require(os.geteuid() == 0, "needs root")
-    require(shutil.which("debootstrap") is not None, "needs debootstrap")
-    home = tmp_path_factory.mktemp("debian") / "home"
-    # The .debs are cached across tests and runs; the mirror is needed once.
-    vctx(home, "template", "build", "deb", "--from", "debian", "--suite", "bookworm", "--cache-dir", str(DEBS))
-    yield home
 
 
 def test_debian_template_boots_unmodified(debian_home: Path) -> None:
