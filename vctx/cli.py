@@ -17,6 +17,7 @@ from cowfs.progress import human
 from . import __version__, errors
 from . import guest as guests
 from . import template as templates
+from .config import Net
 from .home import Home
 from .host import probe
 
@@ -196,10 +197,29 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 @click.option("--template", "-t", "template_name", required=True, help="Template to clone.")
 @click.option("--init", type=click.Choice(["systemd", "sysvinit", "busybox"]), help="Init style [default: detected].")
 @click.option("--hostname", help="[default: the guest's name]")
+@click.option("--ip", "ips", multiple=True, help="An address of the guest (repeat for several; IPv4 and IPv6).")
+@click.option(
+    "--interface",
+    default="",
+    help="Host interface for its addresses [default: lo for 127/8, else the default route's].",
+)
+@click.option(
+    "--network", type=click.Choice(["isolated", "netns", "none", "host"]), default="isolated", show_default=True
+)
 @click.pass_context
-def create(ctx: click.Context, name: str, template_name: str, init: str | None, hostname: str | None) -> None:
+def create(
+    ctx: click.Context,
+    name: str,
+    template_name: str,
+    init: str | None,
+    hostname: str | None,
+    ips: tuple[str, ...],
+    interface: str,
+    network: str,
+) -> None:
     """Create guest NAME as a copy-on-write clone of a template."""
-    g = guests.create(_home(ctx), name, template_name, init=init, hostname=hostname)
+    net = Net(mode=network, ip=[a for x in ips for a in x.split(",") if a], interface=interface)
+    g = guests.create(_home(ctx), name, template_name, init=init, hostname=hostname, net=net)
     base = g.cfg.id_base
     click.echo(f"created guest {g.name} from {template_name} (ids {base}-{base + g.cfg.id_size - 1})")
 
@@ -219,20 +239,22 @@ def delete(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def set_cmd(ctx: click.Context, name: str, assignments: tuple[str, ...]) -> None:
     """Change guest NAME's config: memory=512M cpus=1.5 pids=512 hostname=...
+    ip=ADDR,ADDR interface=DEV network=MODE
 
-    Limits take effect at once on a running guest; the rest at its next boot.
+    Limits, and an isolated guest's addresses, take effect at once on a
+    running guest; the rest at its next boot.
     """
     from . import runtime
-    from .cgroups import GuestCgroups
 
-    cfg = guests.set_keys(_home(ctx), name, list(assignments))
-    if runtime.running(name) is not None:
-        cg = GuestCgroups(name)
-        cg.check(cfg.limits)
-        cg.apply(cfg.limits)
-        click.echo(f"updated {name} (limits applied to the running guest)")
-    else:
+    home = _home(ctx)
+    r = runtime.running(name)
+    if r is None:
+        guests.set_keys(home, name, list(assignments))
         click.echo(f"updated {name}")
+        return
+    later = runtime.apply_live(home, name, r, list(assignments))
+    note = f" ({', '.join(later)} at the next boot)" if later else ""
+    click.echo(f"updated {name}: applied to the running guest{note}")
 
 
 # --- running guests --------------------------------------------------------------------
@@ -344,7 +366,7 @@ def enter(ctx: click.Context, name: str, user: str) -> None:
 
 
 def _guest_rows(home: Home, names: list[str]) -> list[dict[str, Any]]:
-    from . import runtime
+    from . import netctx, runtime
     from .cgroups import GuestCgroups
 
     rows = []
@@ -359,6 +381,7 @@ def _guest_rows(home: Home, names: list[str]) -> list[dict[str, Any]]:
             "template": g.cfg.template,
             "network": g.cfg.net.mode,
             "ip": g.cfg.net.ip,
+            "net": netctx.plan(g.cfg).describe(),
             "proc": 0,
             "vsz": 0,
             "rss": 0,
@@ -438,6 +461,13 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
     else:
         click.echo(
             f"{name}: {row['status']}" + (f", {row['proc']} processes, up {_dur(row['uptime'])}" if row["proc"] else "")
+        )
+        net = row["net"]
+        extra = "".join(
+            f", {k} {v if isinstance(v, str) else ' '.join(v)}" for k, v in net.items() if k not in ("mode", "ip")
+        )
+        click.echo(
+            f"network: {net['mode']}{' (unconfined)' if net['mode'] == 'host' else ''}, ip {' '.join(net['ip']) or '-'}{extra}"
         )
     sys.exit(0 if row["status"] == "running" else 3)
 

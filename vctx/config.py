@@ -7,6 +7,7 @@ Unknown keys are refused: a typo must not silently drop a limit.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -73,15 +74,62 @@ class Limits:
 
 @dataclass
 class Net:
+    """How the guest reaches the network (netctx.py does it).
+
+    ip: its addresses, "ADDR" or "ADDR/PREFIX" (IPv4 and IPv6, several; the
+    first of each family is the primary one).  interface: the host interface
+    they are added to in isolated mode ("" = lo for loopback addresses, else
+    the interface of the host's default route).  bridge, gateway: netns mode
+    attached to a host bridge instead of routed point-to-point.
+    """
+
     mode: str = "isolated"
     ip: list[str] = field(default_factory=list)
-    interface: str = "lo"
+    interface: str = ""
+    bridge: str = ""
+    gateway: str = ""
 
     def check(self) -> None:
         if self.mode not in NETWORKS:
             raise errors.BadConfig(f"net.mode: expected one of {', '.join(NETWORKS)}, got {self.mode!r}")
         if not isinstance(self.ip, list) or not all(isinstance(a, str) for a in self.ip):
             raise errors.BadConfig("net.ip: expected a list of addresses")
+        seen = set()
+        for a in self.ip:
+            iface = parse_ip(a)
+            if iface.ip in seen:
+                raise errors.BadConfig(f"net.ip: {iface.ip} is given twice")
+            seen.add(iface.ip)
+        for k in ("interface", "bridge"):
+            v = getattr(self, k)
+            if not isinstance(v, str) or len(v) > 15 or "/" in v or v in (".", ".."):
+                raise errors.BadConfig(f"net.{k}: {v!r} is not an interface name")
+        if self.gateway:
+            try:
+                ipaddress.ip_address(self.gateway)
+            except ValueError:
+                raise errors.BadConfig(f"net.gateway: {self.gateway!r} is not an address") from None
+        if (self.bridge or self.gateway) and self.mode != "netns":
+            raise errors.BadConfig('net.bridge and net.gateway are for network = "netns"')
+
+    def addresses(self) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+        return [parse_ip(a) for a in self.ip]
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """'192.0.2.7', '192.0.2.7/24', 'fd00::7' -> an address with its prefix (host-sized if none)."""
+    try:
+        iface = ipaddress.ip_interface(text.strip())
+    except ValueError:
+        raise errors.BadConfig(f"{text!r} is not an IP address") from None
+    a = iface.ip
+    if a.is_unspecified or a.is_multicast or (isinstance(a, ipaddress.IPv6Address) and a.is_loopback):
+        raise errors.BadConfig(f"{a} cannot be a guest's address")
+    if isinstance(a, ipaddress.IPv4Address) and a == ipaddress.IPv4Address("127.0.0.1"):
+        raise errors.BadConfig("127.0.0.1 is every guest's own loopback, not an address to give one")
+    if "/" in text and iface.network.prefixlen < iface.max_prefixlen and a == iface.network.network_address:
+        raise errors.BadConfig(f"{text!r} is a network, not an address in it")
+    return iface
 
 
 @dataclass

@@ -15,6 +15,7 @@ import stat
 import termios
 from dataclasses import dataclass, field
 
+from . import seccomp
 from . import sys as k
 
 # Host device nodes a guest may have (bind-mounted: a user namespace cannot mknod).
@@ -45,6 +46,8 @@ class Spec:
     console: str  # the host-held pty's slave, to become /dev/console
     env: dict[str, str] = field(default_factory=dict)
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)
+    net_confined: bool = False  # isolated network: the host's stack, confined
+    own_netns: bool = False  # netns and none: sysfs of its own
 
 
 def _bind(src: str, dst: str, flags: int = 0) -> None:
@@ -70,10 +73,13 @@ def setup_root(spec: Spec) -> None:
     for d in ("proc", "sys", "dev", "run", "tmp"):
         _mkdir(f"{r}/{d}")
     k.mount("proc", f"{r}/proc", "proc", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC)
-    # sysfs cannot be mounted fresh without a network namespace of our own:
-    # the host's, read-only, with our cgroup2 subtree on top.
-    _bind("/sys", f"{r}/sys", k.MS_REC)
-    k.make_readonly_recursive(f"{r}/sys")
+    # sysfs can be mounted fresh only in a network namespace of our own;
+    # otherwise the host's, read-only.  Our cgroup2 subtree goes on top.
+    if spec.own_netns:
+        k.mount("sysfs", f"{r}/sys", "sysfs", k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC)
+    else:
+        _bind("/sys", f"{r}/sys", k.MS_REC)
+        k.make_readonly_recursive(f"{r}/sys")
     if os.path.isdir(f"{r}/sys/fs/cgroup"):
         k.mount("cgroup2", f"{r}/sys/fs/cgroup", "cgroup2", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC)
     _setup_dev(r, spec.console)
@@ -117,6 +123,18 @@ def _setup_dev(r: str, console: str) -> None:
         os.symlink(src, f"{dev}/{name}")
 
 
+def confine_network() -> None:
+    """What cgroup BPF cannot do for a guest in the host's network namespace:
+    its abstract unix sockets are the host's too (Landlock scopes them to
+    the guest's processes), and sock_diag would list every socket of the
+    host (seccomp refuses it)."""
+    if k.landlock_abi() >= 6:
+        k.landlock_scope(k.LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET)
+    prog = seccomp.build()
+    if prog:
+        k.seccomp_filter(prog)
+
+
 def become_init(spec: Spec) -> None:
     """The rest of PID 1's set-up, then exec: never returns."""
     k.sethostname(spec.hostname)
@@ -130,6 +148,8 @@ def become_init(spec: Spec) -> None:
     for res, lim in spec.rlimits.items():
         resource.setrlimit(res, lim)
     k.drop_bounding(list(CAP_DROP.values()))
+    if spec.net_confined:
+        confine_network()
     init = spec.argv[0]
     try:
         st = os.stat(init)

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import errors
 from . import sys as k
 from .cgroups import GuestCgroups
-from .context import CAP_DROP
+from .context import CAP_DROP, confine_network
 from .home import Home
 from .monitor import PATH
 from .runtime import running
@@ -78,7 +78,9 @@ def _join(name: str, init: int) -> None:
             (leaf / "cgroup.procs").write_text(str(os.getpid()))
     fd = os.pidfd_open(init)
     try:
-        k.setns(fd, NS)
+        # A guest with a network namespace of its own (netns, none) has it joined too.
+        own_net = os.stat(f"/proc/{init}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+        k.setns(fd, NS | (k.CLONE_NEWNET if own_net else 0))
     finally:
         os.close(fd)
     # Host root is no id at all in the guest's user namespace: become its root,
@@ -141,6 +143,8 @@ def exec_in(
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
             k.drop_bounding(list(CAP_DROP.values()))
+            if r.net == "isolated":
+                confine_network()
             os.setgroups(groups)
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,25 @@ def names(home: Home) -> list[str]:
     return [n for n in home.names(home.guests) if (home.guests / n / CONFIG).exists()]
 
 
-def create(home: Home, name: str, template_name: str, init: str | None = None, hostname: str | None = None) -> Guest:
+def configs(home: Home) -> list[config.GuestConfig]:
+    """Every guest's config that loads (for checks across guests)."""
+    out = []
+    for n in names(home):
+        try:
+            out.append(config.load(home.guests / n / CONFIG))
+        except errors.VctxError:
+            continue
+    return out
+
+
+def create(
+    home: Home,
+    name: str,
+    template_name: str,
+    init: str | None = None,
+    hostname: str | None = None,
+    net: config.Net | None = None,
+) -> Guest:
     check_name(name)
     t = templates.load(home, template_name)
     with home.locked():
@@ -57,8 +77,10 @@ def create(home: Home, name: str, template_name: str, init: str | None = None, h
             init=init or t.init,
             id_base=idrange.allocate(home),
             hostname=hostname or name,
+            net=net or config.Net(),
         )
         cfg.check()
+        _check_addresses(home, cfg)
         partial = home.guests / f".{name}.partial-{secrets.token_hex(4)}"
         partial.mkdir(mode=0o700)
         try:
@@ -104,11 +126,31 @@ _LIMIT_KEYS = {
 _NET_KEYS = {"network": "mode", "ip": "ip", "interface": "interface"}
 
 
-def set_keys(home: Home, name: str, assignments: list[str]) -> config.GuestConfig:
-    """Apply KEY=VALUE changes to a guest's config; all are checked before any is saved.
-    An empty value (memory=) removes a limit."""
+def _check_addresses(home: Home, cfg: config.GuestConfig, old: config.GuestConfig | None = None) -> None:
+    """Addresses no other guest has, on an interface that exists, and not
+    already the host's (the guest's own current ones aside)."""
+    from . import netctx
+
+    p = netctx.plan(cfg)
+    netctx.check_unique(p, configs(home))
+    if cfg.net.mode == "host":
+        return
+    before = {a.ip for a in old.net.addresses()} if old is not None else set()
+    netctx.check_host(p, before)
+
+
+def set_keys(
+    home: Home,
+    name: str,
+    assignments: list[str],
+    before_save: Callable[[config.GuestConfig, config.GuestConfig], None] | None = None,
+) -> config.GuestConfig:
+    """Apply KEY=VALUE changes to a guest's config; all are checked before any
+    is saved, and before_save(old, new) (a running guest's live change) must
+    succeed too.  An empty value (memory=) removes a limit."""
     with home.locked():
         g = load(home, name)
+        old = copy.deepcopy(g.cfg)
         cfg = g.cfg
         for a in assignments:
             key, eq, value = a.partition("=")
@@ -132,5 +174,9 @@ def set_keys(home: Home, name: str, assignments: list[str]) -> config.GuestConfi
                 cfg.command = shlex.split(value)
             else:
                 raise errors.BadConfig(f"unknown key {key!r}")
+        cfg.check()
+        _check_addresses(home, cfg, old)
+        if before_save is not None:
+            before_save(old, cfg)
         config.save(cfg, g.config_path)
         return cfg

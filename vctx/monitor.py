@@ -35,7 +35,7 @@ from pathlib import Path
 from cowfs.daemon import MountOptions, Served
 from cowfs.idmap import IdMap
 
-from . import errors
+from . import errors, netctx
 from . import guest as guests
 from . import sys as k
 from .cgroups import GuestCgroups
@@ -67,9 +67,10 @@ class BootError(Exception):
         self.code = code
 
 
-def _launcher(spec: Spec, to_c: int, from_c: int, err_w: int) -> None:
+def _launcher(spec: Spec, net: netctx.Plan, to_c: int, from_c: int, err_w: int) -> None:
     """The forked launcher: unshare, become root of the new user namespace,
-    fork PID 1 and report its pid.  Never returns."""
+    configure its network namespace if it has one, fork PID 1 and report
+    its pid.  Never returns."""
     code = 0
     # Nothing of the monitor's may leak into the guest (the caller's ready pipe, the FUSE fd).
     keep = sorted({0, 1, 2, to_c, from_c, err_w})
@@ -78,13 +79,15 @@ def _launcher(spec: Spec, to_c: int, from_c: int, err_w: int) -> None:
     try:
         if os.read(to_c, 1) != b"g":
             os._exit(1)
-        k.unshare(NS_FLAGS)
+        k.unshare(NS_FLAGS | (k.CLONE_NEWNET if net.own_netns else 0))
         os.write(from_c, b"u")
         if os.read(to_c, 1) != b"m":
             os._exit(1)
         os.setresgid(0, 0, 0)
         os.setgroups([])
         os.setresuid(0, 0, 0)
+        if net.own_netns:
+            netctx.up_netns_inside(net)
         pid = os.fork()
         if pid == 0:
             try:
@@ -114,12 +117,15 @@ class Monitor:
         self.console_log = self.g.path / "console.log"
         self.failure: BaseException | None = None
         self.tell: Callable[[str], None] = lambda msg: None
+        self.net = netctx.plan(cfg)
         self.spec = Spec(
             root=str(self.mnt),
             hostname=cfg.hostname,
             argv=init_argv(cfg.init, cfg.command),
             console="",
             env={"PATH": PATH, "TERM": "linux", "container": "vctx", "HOME": "/"},
+            net_confined=self.net.mode == "isolated",
+            own_netns=self.net.own_netns,
         )
 
     # --- boot -----------------------------------------------------------------------
@@ -137,16 +143,22 @@ class Monitor:
         to_c_r, self.to_c = os.pipe()
         self.from_c, from_c_w = os.pipe()
         self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        if self.net.own_netns:
+            import pyroute2  # type: ignore[import-untyped]  # noqa: F401 - here: the launcher configures its namespace with it
+
         self.launcher = os.fork()  # before any thread exists: the child runs Python
         if self.launcher == 0:
             for fd in (self.to_c, self.from_c, self.err_r, self.master):
                 os.close(fd)
-            _launcher(self.spec, to_c_r, from_c_w, err_w)
+            _launcher(self.spec, self.net, to_c_r, from_c_w, err_w)
         for fd in (to_c_r, from_c_w, err_w, slave):
             os.close(fd)
         try:
+            netctx.check_unique(self.net, guests.configs(self.home))
             self.cg.create(cfg.limits, owner=cfg.id_base)
             self.cg.add(self.launcher)
+            if self.net.mode == "isolated":
+                netctx.up_isolated(self.net, self.cg.v2)
             opts = MountOptions(idmap=IdMap(cfg.id_base, cfg.id_base, cfg.id_size), suid=True)
             self.served = Served(str(self.g.rootfs), str(self.mnt), opts)
         except BaseException:
@@ -172,6 +184,8 @@ class Monitor:
                 raise BootError(errors.BuildFailed.exit_code, await self._aerr() or "the launcher died")
             for kind in ("uid", "gid"):
                 Path(f"/proc/{self.launcher}/{kind}_map").write_text(f"0 {cfg.id_base} {cfg.id_size}\n")
+            if self.net.mode == "netns":
+                netctx.up_netns_host(self.net, self.launcher)
             os.write(self.to_c, b"m")
             line = b""
             while not line.endswith(b"\n"):
@@ -197,6 +211,7 @@ class Monitor:
             "home": str(self.home.root),
             "root": str(self.mnt),
             "style": cfg.init,
+            "net": self.net.mode,
         }
         tmp = state_path(self.name).with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
@@ -221,6 +236,10 @@ class Monitor:
         if self.served is not None and os.path.ismount(self.mnt):
             k.umount(str(self.mnt), lazy=True)
         self.cg_remove()
+        try:
+            netctx.down(self.name)
+        except (OSError, errors.VctxError) as e:
+            log.warning("cannot remove the network of %s: %s", self.name, e)
         state_path(self.name).unlink(missing_ok=True)
 
     def cg_remove(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cowfs.daemon import find_mount, wait_pid_exit
 
-from . import errors
+from . import config, errors, netctx
 from . import guest as guests
 from . import sys as k
 from .cgroups import GuestCgroups
@@ -35,6 +35,7 @@ class Running:
     started: float
     root: str
     style: str
+    net: str  # the network mode it booted with
 
 
 def _alive(pid: int) -> bool:
@@ -53,7 +54,15 @@ def running(name: str) -> Running | None:
         s = json.loads(state_path(name).read_text())
     except (OSError, ValueError):
         return None
-    r = Running(name, int(s["monitor"]), int(s["init"]), float(s["started"]), str(s["root"]), str(s["style"]))
+    r = Running(
+        name,
+        int(s["monitor"]),
+        int(s["init"]),
+        float(s["started"]),
+        str(s["root"]),
+        str(s["style"]),
+        str(s.get("net", "host")),
+    )
     if not _alive(r.monitor) or not _alive(r.init):
         return None
     return r
@@ -169,9 +178,33 @@ def cleanup(name: str, quiet: bool = False) -> None:
     while find_mount(mnt) is not None:
         k.umount(mnt, lazy=True)
     cg.remove()
+    netctx.down(name)
     state_path(name).unlink(missing_ok=True)
     if cg.exists() and not quiet:
         raise errors.VctxError(f"cannot remove the cgroups of {name}")
+
+
+def apply_live(home: Home, name: str, r: Running, assignments: list[str]) -> list[str]:
+    """`vctx set` on a running guest: limits and an isolated guest's addresses
+    change now (the config is saved only if they did); returns what waits
+    for the next boot."""
+    keys = {a.partition("=")[0] for a in assignments}
+    later = sorted(keys & {"hostname", "init", "command"})
+
+    def live(old: config.GuestConfig, new: config.GuestConfig) -> None:
+        cg = GuestCgroups(name)
+        cg.check(new.limits)
+        if keys & {"ip", "interface"}:
+            if r.net == "isolated" and new.net.mode == "isolated":
+                netctx.update_isolated(netctx.plan(old), netctx.plan(new))
+            else:
+                later.append("addresses")
+        if "network" in keys and new.net.mode != r.net:
+            later.append("network mode")
+        cg.apply(new.limits)
+
+    guests.set_keys(home, name, assignments, before_save=live)
+    return later
 
 
 def kill(home: Home, name: str, sig: int) -> int:

@@ -9,6 +9,7 @@ an OSError naming the call and its object.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 
 from cowfs.sys import _check, _libc
@@ -24,7 +25,9 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 
+MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
@@ -107,3 +110,79 @@ def drop_bounding(caps: list[int]) -> None:
 
 def rtmin(n: int = 0) -> int:
     return int(signal.SIGRTMIN) + n
+
+
+# --- bpf(2), seccomp(2), landlock: the network context's kernel interfaces ---------
+
+_ARCH = os.uname().machine
+# Older syscalls are numbered per architecture; those since 5.x share one table.
+SYS_bpf = {"x86_64": 321, "aarch64": 280}.get(_ARCH, -1)
+SYS_seccomp = {"x86_64": 317, "aarch64": 277}.get(_ARCH, -1)
+SYS_landlock_create_ruleset = 444
+SYS_landlock_restrict_self = 446
+
+
+def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: object = None) -> int:
+    """bpf(2) with a bpf_attr already laid out in attr; returns the result (an fd or 0)."""
+    ret = _syscall(ctypes.c_long(SYS_bpf), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    _check(-1 if ret < 0 else 0, "bpf", what)
+    return int(ret)
+
+
+SECCOMP_SET_MODE_FILTER = 1
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_filter(program: bytes) -> None:
+    """Install a classic-BPF seccomp filter on this thread and its future children.
+    Allowed without no_new_privs for a process with CAP_SYS_ADMIN in its user
+    namespace: guest root, whose setuid programs must keep working."""
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
+    ret = _syscall(
+        ctypes.c_long(SYS_seccomp), ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(0), ctypes.byref(prog)
+    )
+    _check(-1 if ret < 0 else 0, "seccomp")
+
+
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 where Landlock is off."""
+    ret = _syscall(
+        ctypes.c_long(SYS_landlock_create_ruleset),
+        None,
+        ctypes.c_size_t(0),
+        ctypes.c_uint(LANDLOCK_CREATE_RULESET_VERSION),
+    )
+    return max(int(ret), 0)
+
+
+def landlock_scope(scoped: int) -> None:
+    """Enter a Landlock domain that restricts nothing but the given scopes."""
+    attr = _LandlockRulesetAttr(0, 0, scoped)
+    fd = _syscall(
+        ctypes.c_long(SYS_landlock_create_ruleset),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+        ctypes.c_uint(0),
+    )
+    _check(-1 if fd < 0 else 0, "landlock_create_ruleset")
+    try:
+        ret = _syscall(ctypes.c_long(SYS_landlock_restrict_self), ctypes.c_int(fd), ctypes.c_uint(0))
+        _check(-1 if ret < 0 else 0, "landlock_restrict_self")
+    finally:
+        os.close(int(fd))
