@@ -411,7 +411,17 @@ def test_netns_mode(net_home: Path, pair: dict[str, str]) -> None:
             srv.listen()
             port = srv.getsockname()[1]
             nc = subprocess.Popen(
-                [sys.executable, "-m", "vctx", "exec", name, "--", "sh", "-c", f"echo via-veth | nc {netctx.GATEWAY4.ip} {port}"],
+                [
+                    sys.executable,
+                    "-m",
+                    "vctx",
+                    "exec",
+                    name,
+                    "--",
+                    "sh",
+                    "-c",
+                    f"echo via-veth | nc {netctx.GATEWAY4.ip} {port}",
+                ],
                 env={**os.environ, "VCTX_HOME": str(net_home)},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
