@@ -4,8 +4,11 @@ For each path, iperf3 single-stream TCP throughput and sockperf's 64-byte
 TCP ping-pong latency (median), the server inside, the client on the host:
 
 - host loopback: both ends on the host (127.0.0.1), the floor;
+- isolated, BPF only: the server on the host, in the isolated guest's
+  cgroup v2 node alone: the network context's programs and nothing else;
 - vctx isolated: the server in an isolated guest on its own 127/8 address
-  (the host's stack; cgroup BPF acts at bind/connect only);
+  (the host's stack; cgroup BPF acts at bind/connect only), with the rest
+  of the context (its cgroups, namespaces, seccomp);
 - vctx netns: the server in a netns guest, through its routed veth pair;
 - nspawn veth: the server in systemd-nspawn --network-veth, the peer.
 
@@ -56,7 +59,7 @@ def serve(argv: list[str], ready: str) -> subprocess.Popen[str]:
 
 def throughput(runner: Runner, addr: str, seconds: int) -> float:
     """iperf3, one stream, client on the host: Gbit/s received."""
-    srv = serve(runner(["iperf3", "-s", "-1", "-B", addr, "-p", "5201"]), "Server listening")
+    srv = serve(runner(["iperf3", "-s", "-1", "--forceflush", "-B", addr, "-p", "5201"]), "Server listening")
     try:
         out = run("iperf3", "-c", addr, "-p", "5201", "-t", str(seconds), "-J").stdout
     finally:
@@ -66,7 +69,9 @@ def throughput(runner: Runner, addr: str, seconds: int) -> float:
 
 def latency(runner: Runner, addr: str, seconds: int) -> float:
     """sockperf ping-pong, 64-byte messages over TCP: median round trip, microseconds."""
-    srv = serve(runner(["sockperf", "sr", "--tcp", "-i", addr, "-p", "11111"]), "block on socket")
+    srv = serve(
+        runner(["stdbuf", "-oL", "-eL", "sockperf", "sr", "--tcp", "-i", addr, "-p", "11111"]), "block on socket"
+    )
     try:
         out = run("sockperf", "pp", "--tcp", "-i", addr, "-p", "11111", "-m", "64", "-t", str(seconds)).stdout
     finally:
@@ -162,8 +167,19 @@ def main() -> None:
         def in_guest(g: str) -> Runner:
             return lambda argv: [VCTX, "exec", g, "--", *argv]
 
+        from vctx.cgroups import GuestCgroups
+
+        v2 = GuestCgroups("iso").v2
+
+        def bpf_only(argv: list[str]) -> list[str]:
+            """A host process in the guest's cgroup v2 node alone: its BPF programs, no other controller."""
+            return ["sh", "-c", f'echo $$ > {v2}/vctx-bpf/cgroup.procs && exec "$@"', "sh", *argv]
+
+        assert v2 is not None
+        (v2 / "vctx-bpf").mkdir(exist_ok=True)
         contenders: dict[str, tuple[Runner, str]] = {
             "host loopback": (lambda argv: argv, "127.0.0.1"),
+            "isolated, BPF only": (bpf_only, ISO_IP),
             "vctx isolated": (in_guest("iso"), ISO_IP),
             "vctx netns": (in_guest("nns"), NETNS_IP),
         }
@@ -192,9 +208,11 @@ def main() -> None:
         for name in contenders:
             t, lt = statistics.median(tput[name]), statistics.median(lat[name])
             print(f"  {name:<16} {t:8.2f} {t / host_t:7.3f} {lt:11.2f} {lt / host_l:7.3f}")
+        bpf_t = statistics.median(tput["isolated, BPF only"]) / host_t
+        print(f"\n  the network context alone (BPF only) / host throughput = {bpf_t:.3f}")
         iso_t = statistics.median(tput["vctx isolated"]) / host_t
         iso_l = statistics.median(lat["vctx isolated"]) / host_l
-        print(f"\n  isolated / host throughput = {iso_t:.3f} (target >= 0.97) {'met' if iso_t >= 0.97 else 'NOT met'}")
+        print(f"  isolated / host throughput = {iso_t:.3f} (target >= 0.97) {'met' if iso_t >= 0.97 else 'NOT met'}")
         print(f"  isolated / host latency    = {iso_l:.3f} (target <= 1.05) {'met' if iso_l <= 1.05 else 'NOT met'}")
         if "nspawn veth" in contenders:
             nt = statistics.median(tput["vctx netns"]) / statistics.median(tput["nspawn veth"])

@@ -455,3 +455,16 @@ def test_none_and_host_modes(net_home: Path) -> None:
         vctx(net_home, "stop", none)
     for n in (none, host):
         vctx(net_home, "delete", n)
+
+
+def test_no_cgroup_bpf_is_one_clear_error(net_home: Path) -> None:
+    """A host without a cgroup v2 hierarchy cannot confine an isolated guest: refused before anything is added."""
+    from vctx import errors
+    from vctx.config import GuestConfig, Net
+
+    cfg = GuestConfig(name="nobpf", template="bb", init="busybox", id_base=200 * 65536, net=Net(ip=["127.201.0.1"]))
+    cfg.check()
+    with pytest.raises(errors.HostLacks, match="cgroup v2"):
+        netctx.up_isolated(netctx.plan(cfg), None)
+    assert "127.201.0.1" not in host_addresses()
+    assert not netctx.Record.path("nobpf").exists()
