@@ -204,10 +204,10 @@ def main() -> None:
 
         host_t, host_l = statistics.median(tput["host loopback"]), statistics.median(lat["host loopback"])
         print(f"\n## single-stream TCP (iperf3) and 64-byte TCP ping-pong (sockperf), {args.rounds} rounds, medians")
-        print(f"  {'path':<16} {'Gbit/s':>8} {'x host':>7} {'latency us':>11} {'x host':>7}")
+        print(f"  {'path':<20} {'Gbit/s':>8} {'x host':>7} {'latency us':>11} {'x host':>7}")
         for name in contenders:
             t, lt = statistics.median(tput[name]), statistics.median(lat[name])
-            print(f"  {name:<16} {t:8.2f} {t / host_t:7.3f} {lt:11.2f} {lt / host_l:7.3f}")
+            print(f"  {name:<20} {t:8.2f} {t / host_t:7.3f} {lt:11.2f} {lt / host_l:7.3f}")
         bpf_t = statistics.median(tput["isolated, BPF only"]) / host_t
         print(f"\n  the network context alone (BPF only) / host throughput = {bpf_t:.3f}")
         iso_t = statistics.median(tput["vctx isolated"]) / host_t
