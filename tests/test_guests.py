@@ -212,6 +212,23 @@ def test_limits_stay_inside(bb_home: Path, guest: str) -> None:
     vctx(bb_home, "stop", guest)
 
 
+def test_rlimits_from_config(bb_home: Path, guest: str) -> None:
+    fails(bb_home, 25, "set", guest, "rlimit.bogus=1")
+    fails(bb_home, 25, "set", guest, "rlimit.nofile=900:800")  # soft above hard
+    vctx(bb_home, "set", guest, "rlimit.nofile=unlimited")  # valid in the file, but above the host's hard limit
+    assert "hard limit" in fails(bb_home, 25, "boot", guest)
+    vctx(bb_home, "set", guest, "rlimit.nofile=777:888", "rlimit.core=0")
+    vctx(bb_home, "boot", guest)
+    limits = vctx(bb_home, "exec", guest, "--", "cat", "/proc/1/limits").stdout
+    assert any(
+        line.startswith("Max open files") and line.split()[3:5] == ["777", "888"] for line in limits.splitlines()
+    )
+    # exec'd processes get the guest's limits too, not the caller's
+    assert vctx(bb_home, "exec", guest, "--", "sh", "-c", "ulimit -n; ulimit -Hn").stdout.split() == ["777", "888"]
+    assert "next boot" in vctx(bb_home, "set", guest, "rlimit.nofile=100").stdout
+    vctx(bb_home, "stop", guest)
+
+
 def test_enter_through_a_pty(bb_home: Path, guest: str) -> None:
     vctx(bb_home, "boot", guest)
     master, slave = os.openpty()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import resource
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -132,6 +133,40 @@ def parse_ip(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     return iface
 
 
+# rlimits a guest's config may set (guest.toml [rlimits], vctx set rlimit.NAME=...).
+RLIMITS = {
+    name: getattr(resource, f"RLIMIT_{name.upper()}")
+    for name in (
+        "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue",
+        "nice", "nofile", "nproc", "rss", "rtprio", "stack",
+    )
+    if hasattr(resource, f"RLIMIT_{name.upper()}")
+}  # fmt: skip
+
+
+def parse_rlimit(name: str, value: object) -> tuple[int, int]:
+    """4096, "1024:4096", "unlimited" -> (soft, hard); sizes may be written 8M."""
+    if name not in RLIMITS:
+        raise errors.BadConfig(f"rlimits: unknown limit {name!r} (known: {', '.join(sorted(RLIMITS))})")
+
+    def one(v: object) -> int:
+        if isinstance(v, str) and v.strip().lower() in ("unlimited", "infinity", "max"):
+            return resource.RLIM_INFINITY
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        size = parse_size(v, f"rlimits.{name}")
+        return resource.RLIM_INFINITY if size is None else size
+
+    if isinstance(value, str) and ":" in value:
+        soft_text, _, hard_text = value.partition(":")
+        soft, hard = one(soft_text), one(hard_text)
+    else:
+        soft = hard = one(value)
+    if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+        raise errors.BadConfig(f"rlimits.{name}: the soft limit is above the hard one in {value!r}")
+    return soft, hard
+
+
 @dataclass
 class GuestConfig:
     name: str
@@ -143,6 +178,7 @@ class GuestConfig:
     command: list[str] = field(default_factory=list)  # for init = "plain"
     limits: Limits = field(default_factory=Limits)
     net: Net = field(default_factory=Net)
+    rlimits: dict[str, str | int] = field(default_factory=dict)
     version: int = VERSION
 
     def check(self) -> None:
@@ -159,6 +195,13 @@ class GuestConfig:
             self.hostname = self.name
         self.limits.check()
         self.net.check()
+        if not isinstance(self.rlimits, dict):
+            raise errors.BadConfig("rlimits: expected a table")
+        for k, v in self.rlimits.items():
+            parse_rlimit(k, v)
+
+    def resource_limits(self) -> dict[int, tuple[int, int]]:
+        return {RLIMITS[k]: parse_rlimit(k, v) for k, v in self.rlimits.items()}
 
     def to_toml(self) -> dict[str, Any]:
         def clean(d: dict[str, Any]) -> dict[str, Any]:
@@ -166,11 +209,13 @@ class GuestConfig:
 
         out: dict[str, Any] = {"version": self.version}
         for f in fields(self):
-            if f.name in ("version", "limits", "net"):
+            if f.name in ("version", "limits", "net", "rlimits"):
                 continue
             out[f.name] = getattr(self, f.name)
         out["limits"] = clean(self.limits.__dict__)
         out["net"] = clean(self.net.__dict__)
+        if self.rlimits:
+            out["rlimits"] = dict(self.rlimits)
         return out
 
 
@@ -186,6 +231,8 @@ def from_dict(data: dict[str, Any]) -> GuestConfig:
     data = dict(data)
     if "version" not in data:
         raise errors.BadConfig("no version key")
+    if not isinstance(data.get("rlimits", {}), dict):
+        raise errors.BadConfig("rlimits: expected a table")
     for k, cls in (("limits", Limits), ("net", Net)):
         sub = data.get(k, {})
         if not isinstance(sub, dict):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl  # all imports at the top: after setns the guest's root is ours
 import os
+import resource
 import select
 import signal
 import sys
@@ -21,7 +22,7 @@ import termios
 import tty as ttymod
 from pathlib import Path
 
-from . import errors
+from . import config, errors
 from . import sys as k
 from .cgroups import GuestCgroups
 from .context import CAP_DROP, confine_network
@@ -105,6 +106,10 @@ def exec_in(
     r = running(name)
     if r is None:
         raise errors.NotRunning(f"guest {name!r} is not running")
+    try:
+        rlimits = config.load(home.guest(name) / "guest.toml").resource_limits()
+    except errors.VctxError:
+        rlimits = {}  # the config changed into something broken while it runs: keep the caller's
     _join(name, r.init)
     uid, gid, uname, uhome, shell = _passwd(user)
     if login:
@@ -142,6 +147,8 @@ def exec_in(
                 null = os.open("/dev/null", os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
+            for res, lim in rlimits.items():  # the guest's limits, as its init has them
+                resource.setrlimit(res, lim)
             k.drop_bounding(list(CAP_DROP.values()))
             if r.net == "isolated":
                 confine_network()

@@ -164,6 +164,13 @@ def set_keys(
             elif key in _NET_KEYS:
                 v: object = [x for x in value.split(",") if x] if key == "ip" else value
                 setattr(cfg.net, _NET_KEYS[key], v)
+            elif key.startswith("rlimit."):
+                rname = key.removeprefix("rlimit.")
+                if value:
+                    config.parse_rlimit(rname, value)
+                    cfg.rlimits[rname] = value
+                else:
+                    cfg.rlimits.pop(rname, None)
             elif key == "hostname":
                 cfg.hostname = value
             elif key == "init":

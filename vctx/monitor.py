@@ -26,6 +26,7 @@ import ctypes
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -39,6 +40,7 @@ from . import errors, netctx
 from . import guest as guests
 from . import sys as k
 from .cgroups import GuestCgroups
+from .config import RLIMITS
 from .context import Spec, become_init, setup_root
 from .home import Home
 
@@ -59,6 +61,16 @@ def state_path(name: str) -> Path:
 
 def init_argv(cfg_init: str, command: list[str]) -> list[str]:
     return list(command) if cfg_init == "plain" else ["/sbin/init"]
+
+
+def check_rlimits(limits: dict[int, tuple[int, int]]) -> None:
+    """A guest cannot raise a hard limit above the host's (that needs
+    CAP_SYS_RESOURCE in the host's user namespace): say so before booting."""
+    for res, (_, hard) in limits.items():
+        host_hard = resource.getrlimit(res)[1]
+        if host_hard != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > host_hard):
+            name = next((n for n, r in RLIMITS.items() if r == res), str(res))
+            raise errors.BadConfig(f"rlimits.{name}: the host's hard limit is {host_hard}, the guest cannot have more")
 
 
 class BootError(Exception):
@@ -124,6 +136,7 @@ class Monitor:
             argv=init_argv(cfg.init, cfg.command),
             console="",
             env={"PATH": PATH, "TERM": "linux", "container": "vctx", "HOME": "/"},
+            rlimits=cfg.resource_limits(),
             net_confined=self.net.mode == "isolated",
             own_netns=self.net.own_netns,
         )
@@ -133,6 +146,7 @@ class Monitor:
     def prepare(self) -> None:
         """Everything before the launch: made synchronously, torn down on failure."""
         cfg = self.g.cfg
+        check_rlimits(self.spec.rlimits)
         self.rd.mkdir(parents=True, exist_ok=True)
         self.mnt.mkdir(exist_ok=True)
         k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
