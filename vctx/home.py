@@ -61,14 +61,21 @@ class Home:
     def locked(self) -> Iterator[None]:
         """One writer at a time for create, delete and template changes."""
         self.ensure()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flocked(self.root / "lock"):
             yield
-        finally:
-            os.close(fd)
 
     def names(self, kind: Path) -> list[str]:
         if not kind.is_dir():
             return []
         return sorted(p.name for p in kind.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir())
+
+
+@contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on path (created if missing) for the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

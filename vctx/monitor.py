@@ -42,6 +42,7 @@ from . import sys as k
 from .cgroups import GuestCgroups
 from .config import RLIMITS
 from .context import Spec, become_init, setup_root
+from .files import write_atomic
 from .home import Home
 
 RUN = Path(os.environ.get("VCTX_RUN", "/run/vctx"))
@@ -227,9 +228,7 @@ class Monitor:
             "style": cfg.init,
             "net": self.net.mode,
         }
-        tmp = state_path(self.name).with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.rename(state_path(self.name))
+        write_atomic(state_path(self.name), json.dumps(state).encode())
 
     async def _aerr(self) -> str:
         import trio

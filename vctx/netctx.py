@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import ipaddress
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,8 @@ from typing import Any
 from . import bpf, errors, netprog
 from . import sys as k
 from .config import GuestConfig
+from .files import write_atomic
+from .home import flocked
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPIface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -145,7 +145,7 @@ def check_unique(plan_: Plan, others: list[GuestConfig]) -> None:
                 raise errors.InUse(f"{a.ip} belongs to guest {cfg.name}")
 
 
-def check_host(p: Plan, ours: set[Any]) -> None:
+def check_host(p: Plan, ours: set[IPAddr]) -> None:
     """The interface exists and no address is already the host's (but ours)."""
     if not p.addrs and not p.interface:
         return
@@ -154,10 +154,15 @@ def check_host(p: Plan, ours: set[Any]) -> None:
             _ifindex(ipr, p.interface)
         if p.bridge:
             _ifindex(ipr, p.bridge)
-        have = _host_addresses(ipr)
-        for a in p.addrs:
-            if a.ip in have and a.ip not in ours:
-                raise errors.InUse(f"{a.ip} is already an address of this host")
+        _refuse_host_owned(ipr, [a.ip for a in p.addrs], ours)
+
+
+def _refuse_host_owned(ipr: Any, ips: list[IPAddr], ours: set[IPAddr]) -> None:
+    """An address the host already has (and not as this guest's) cannot be the guest's."""
+    have = _host_addresses(ipr)
+    for ip in ips:
+        if ip in have and ip not in ours:
+            raise errors.InUse(f"{ip} is already an address of this host")
 
 
 def _ifindex(ipr: Any, name: str) -> int:
@@ -238,26 +243,22 @@ class Record:
             bool(d.get("pins")),
         )
 
+    def ours(self) -> set[IPAddr]:
+        """The addresses this record says the guest added (so are not the host's)."""
+        return {ipaddress.ip_interface(text).ip for _, text in self.added}
+
     def save(self, name: str) -> None:
         p = self.path(name)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__))
-        tmp.rename(p)
+        write_atomic(p, json.dumps(self.__dict__).encode())
 
 
-@contextlib.contextmanager
-def _locked() -> Iterator[None]:
+def _locked() -> contextlib.AbstractContextManager[None]:
     """One network change at a time on this host: address ownership and
     the public map are shared by all guests."""
     lock = run_dir(name="").parent / ".net.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return flocked(lock)
 
 
 # --- BPF maps and programs ---------------------------------------------------------------
@@ -374,13 +375,6 @@ def _nlerr(e: Exception) -> str:
     return os.strerror(code) if isinstance(code, int) else str(e)
 
 
-def _check_host_owned(ipr: Any, wanted: list[tuple[int, IPIface]], ours: set[str]) -> None:
-    have = _host_addresses(ipr)
-    for _, a in wanted:
-        if a.ip in have and str(a) not in ours:
-            raise errors.InUse(f"{a.ip} is already an address of this host")
-
-
 # --- isolated mode ------------------------------------------------------------------------
 
 
@@ -391,7 +385,7 @@ def up_isolated(p: Plan, cgroup: Path | None) -> None:
     with _locked(), _ipr() as ipr:
         rec = Record.load(p.name)
         placement = _placement(ipr, p)
-        _check_host_owned(ipr, placement, {a for _, a in rec.added})
+        _refuse_host_owned(ipr, [a.ip for _, a in placement], rec.ours())
         try:
             _bpffs()
             public = _public_map()
@@ -416,13 +410,13 @@ def up_isolated(p: Plan, cgroup: Path | None) -> None:
                 m.close()
 
 
-def update_isolated(old: Plan, new: Plan) -> None:
+def update_isolated(new: Plan) -> None:
     """A running guest's new addresses: add, switch the maps, remove."""
     with _locked(), _ipr() as ipr:
         rec = Record.load(new.name)
         placement = _placement(ipr, new)
         current = {a for _, a in rec.added}
-        _check_host_owned(ipr, placement, current)
+        _refuse_host_owned(ipr, [a.ip for _, a in placement], rec.ours())
         for index, a in placement:
             if str(a) not in current:
                 rec.added.append((index, str(a)))
@@ -452,10 +446,7 @@ def up_netns_host(p: Plan, ns_pid: int) -> None:
     with _locked(), _ipr() as ipr:
         rec = Record.load(p.name)
         if not p.bridge:
-            others = _host_addresses(ipr)
-            for a in p.addrs:
-                if a.ip in others:
-                    raise errors.InUse(f"{a.ip} is already an address of this host")
+            _refuse_host_owned(ipr, [a.ip for a in p.addrs], set())
         if ipr.link_lookup(ifname=p.host_if):
             ipr.link("del", ifname=p.host_if)  # a crashed boot's
         rec.host_if = p.host_if

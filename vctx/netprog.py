@@ -139,11 +139,19 @@ def _lookup(a: Asm, map_fd: int, slot: int) -> None:
     a.call(FUNC_MAP_LOOKUP_ELEM)
 
 
-def _key_v4(a: Asm, reg: int) -> None:
-    a.store_imm(4, FP, S_KEY, 0)
-    a.store_imm(4, FP, S_KEY + 4, 0)
-    a.store_imm(4, FP, S_KEY + 8, MAPPED)
-    a.store(4, FP, S_KEY + 12, reg)
+def _mapped(a: Asm, slot: int, reg: int) -> None:
+    """The 16-byte stack slot = reg as a v4-mapped address (a map key, a source)."""
+    a.store_imm(4, FP, slot, 0)
+    a.store_imm(4, FP, slot + 4, 0)
+    a.store_imm(4, FP, slot + 8, MAPPED)
+    a.store(4, FP, slot + 12, reg)
+
+
+def _unless_127(a: Asm, reg: int, target: str) -> None:
+    """goto target unless reg (an IPv4 address) is in 127.0.0.0/8."""
+    a.mov(R1, reg)
+    a.alu("and", R1, imm=0xFF)
+    a.jif(R1, "!=", target, imm=127)
 
 
 def _copy16(a: Asm, dst: int, dst_off: int, src: int, src_off: int) -> None:
@@ -152,23 +160,13 @@ def _copy16(a: Asm, dst: int, dst_off: int, src: int, src_off: int) -> None:
         a.store(4, dst, dst_off + i, R1)
 
 
-def _src_v4(a: Asm, reg: int) -> None:
-    """The source slot = reg as a v4-mapped address."""
-    a.store_imm(4, FP, S_SRC, 0)
-    a.store_imm(4, FP, S_SRC + 4, 0)
-    a.store_imm(4, FP, S_SRC + 8, MAPPED)
-    a.store(4, FP, S_SRC + 12, reg)
-
-
 def _classify4(a: Asm, addrs_fd: int, public_fd: int, dst_set: int, p: str) -> None:
     """r7 holds an IPv4 destination.  Redirect loopback ones to the guest's
-    loopback (calling dst_set with the new value in r1), and leave the source
-    in r9; jump to p+'deny' when the guest has no address to send from."""
+    loopback (stored into the context at dst_set), and leave the source in
+    r9; jump to p+'deny' when the guest has no address to send from."""
     a.jif(R7, "==", p + "redirect", imm=0)
-    a.mov(R1, R7)
-    a.alu("and", R1, imm=0xFF)
-    a.jif(R1, "!=", p + "external", imm=127)
-    _key_v4(a, R7)
+    _unless_127(a, R7, p + "external")
+    _mapped(a, S_KEY, R7)
     _lookup(a, addrs_fd, S_KEY)
     a.jif(R0, "==", p + "not_own", wide=True)
     a.mov(R9, R7)  # the guest's own 127/8 address: talk from it
@@ -179,22 +177,15 @@ def _classify4(a: Asm, addrs_fd: int, public_fd: int, dst_set: int, p: str) -> N
     a.label(p + "redirect")
     a.load(4, R1, R8, C_LO4)
     a.mov(R7, R1)
-    dst_set_emit(a, dst_set)
+    a.store(4, R6, dst_set, R1)
     a.mov(R9, R7)
     a.jmp(p + "src_ok")
     a.label(p + "external")
     a.load(4, R9, R8, C_PRIMARY4)
     a.jif(R9, "!=", p + "src_ok", imm=0)
     a.load(4, R9, R8, C_LO4)  # no IPv4 address of its own: only its loopback
-    a.mov(R1, R7)
-    a.alu("and", R1, imm=0xFF)
-    a.jif(R1, "!=", p + "deny", imm=127)
+    _unless_127(a, R7, p + "deny")
     a.label(p + "src_ok")
-
-
-def dst_set_emit(a: Asm, dst_set: int) -> None:
-    """Store r1 (an IPv4 destination) into the context at dst_set."""
-    a.store(4, R6, dst_set, R1)
 
 
 def _bind_src(a: Asm, family: int) -> None:
@@ -224,13 +215,11 @@ def bind4(conf: int, addrs: int, public: int) -> Asm:
     a = Asm()
     _prologue(a, conf, 0)
     a.load(4, R7, R6, USER_IP4)
-    _key_v4(a, R7)
+    _mapped(a, S_KEY, R7)
     _lookup(a, addrs, S_KEY)
     a.jif(R0, "!=", "allow", wide=True)
     a.jif(R7, "==", "wild", imm=0)
-    a.mov(R1, R7)
-    a.alu("and", R1, imm=0xFF)
-    a.jif(R1, "!=", "deny", imm=127)
+    _unless_127(a, R7, "deny")
     _lookup(a, public, S_KEY)
     a.jif(R0, "!=", "deny", wide=True)  # another guest's address
     a.jmp("loop")
@@ -269,9 +258,7 @@ def bind6(conf: int, addrs: int, public: int) -> Asm:
     # ::ffff:a.b.c.d: the IPv4 rules
     a.label("mapped")
     a.jif(R4, "==", "m_wild", imm=0)
-    a.mov(R1, R4)
-    a.alu("and", R1, imm=0xFF)
-    a.jif(R1, "!=", "deny", imm=127)
+    _unless_127(a, R4, "deny")
     _lookup(a, public, S_KEY)
     a.jif(R0, "!=", "deny", wide=True)
     a.jmp("m_loop")
@@ -314,7 +301,7 @@ def _out4(conf: int, addrs: int, public: int, sendmsg: bool) -> Asm:
         a.jif(R2, "!=", "done", imm=0)  # bound: the bind rules chose its address
         a.store(4, R6, MSG_SRC_IP4, R9)
     else:
-        _src_v4(a, R9)
+        _mapped(a, S_SRC, R9)
         _bind_src(a, AF_INET)
     a.label("done")
     a.ret(1)
@@ -355,7 +342,7 @@ def _out6(conf: int, addrs: int, public: int, sendmsg: bool) -> Asm:
     a.label("mapped")
     a.mov(R7, R4)
     _classify4(a, addrs, public, USER_IP6 + 12, "m_")
-    _src_v4(a, R9)
+    _mapped(a, S_SRC, R9)
     a.label("src_ok")
     if sendmsg:
         a.load(8, R1, R6, SK)

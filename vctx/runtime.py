@@ -196,7 +196,7 @@ def apply_live(home: Home, name: str, r: Running, assignments: list[str]) -> lis
         cg.check(new.limits)
         if keys & {"ip", "interface"}:
             if r.net == "isolated" and new.net.mode == "isolated":
-                netctx.update_isolated(netctx.plan(old), netctx.plan(new))
+                netctx.update_isolated(netctx.plan(new))
             else:
                 later.append("addresses")
         if "network" in keys and new.net.mode != r.net:
