@@ -20,11 +20,15 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import errors
 from .idmap import IdMap
 from .sys import mount as sys_mount
 from .sys import raise_nofile_limit, umount
+
+if TYPE_CHECKING:
+    from .model import Lru
 
 STATE_DIR = Path(os.environ.get("COWFS_STATE_DIR", "/run/cowfs"))
 log = logging.getLogger("cowfs")
@@ -197,19 +201,24 @@ def _raise_readahead(dev: str) -> None:
 
 
 class Served:
-    """A mounted cowfs, ready to be served by run()."""
+    """A mounted cowfs, ready to be served by run() (a process of its own)
+    or by serve() (a task in a loop serving other mounts too)."""
 
-    def __init__(self, backing: str, mountpoint: str, opts: MountOptions) -> None:
+    def __init__(self, backing: str, mountpoint: str, opts: MountOptions, lru: Lru | None = None) -> None:
         from .fs import CowFS
         from .model import CowTree
 
         self.backing, self.mountpoint = backing, mountpoint
         limit = raise_nofile_limit()
         budget = opts.fd_budget or max(64, min(limit - 1024, 1 << 16))
-        self.tree = CowTree(backing, opts.idmap, fd_budget=budget)
+        self.tree = CowTree(backing, opts.idmap, fd_budget=budget, lru=lru)
         self.tree.scan()
         self.fs = CowFS(self.tree)
-        self.fuse_fd = _open_fuse(backing, mountpoint, opts)
+        try:
+            self.fuse_fd = _open_fuse(backing, mountpoint, opts)
+        except BaseException:
+            self.tree.destroy()
+            raise
         entry = find_mount(mountpoint)
         if entry is not None:
             _raise_readahead(entry.dev)
@@ -221,48 +230,52 @@ class Served:
             tmp.rename(self.state)
         log.info("serving %s on %s (%d temporaries cleaned)", backing, mountpoint, self.tree.stats.temps_removed)
 
-    def run(self, companion: Callable[[], Awaitable[None]] | None = None, on_signals: bool = True) -> None:
+    async def serve(self, companion: Callable[[], Awaitable[None]] | None = None, on_signals: bool = True) -> None:
         """Serve until unmounted (or, with a companion task, until it returns:
         then the mount is detached and serving ends when its last user goes).
         on_signals: SIGTERM/SIGINT detach the mount (a companion may want
-        them for itself)."""
+        them for itself).  close() afterwards."""
         import trio
 
         from .fs import INIT_FLAGS
         from .fuse import Session
 
         session = Session(self.fuse_fd, self.fs.handlers(), self.fs.slow(), INIT_FLAGS)
+        async with trio.open_nursery() as nursery:
 
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        # Detach; the kernel then ends the connection and serve() returns.
+                        umount(self.mountpoint, lazy=True)
+                        return
 
-                async def on_signal() -> None:
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                        async for _ in sigs:
-                            # Detach; the kernel then ends the connection and serve() returns.
-                            umount(self.mountpoint, lazy=True)
-                            return
+            async def with_companion() -> None:
+                assert companion is not None
+                await companion()
+                umount(self.mountpoint, lazy=True)
 
-                async def with_companion() -> None:
-                    assert companion is not None
-                    await companion()
-                    umount(self.mountpoint, lazy=True)
+            if on_signals:
+                nursery.start_soon(on_signal)
+            if companion is not None:
+                nursery.start_soon(with_companion)
+            await session.serve()
+            nursery.cancel_scope.cancel()
 
-                if on_signals:
-                    nursery.start_soon(on_signal)
-                if companion is not None:
-                    nursery.start_soon(with_companion)
-                await session.serve()
-                nursery.cancel_scope.cancel()
+    def close(self) -> None:
+        self.tree.destroy()
+        os.close(self.fuse_fd)
+        if self.state is not None:
+            self.state.unlink(missing_ok=True)
+        log.info("stopped: %d breaks, %d marks cleared", self.tree.stats.breaks, self.tree.stats.unmarks)
+
+    def run(self, companion: Callable[[], Awaitable[None]] | None = None, on_signals: bool = True) -> None:
+        import trio
 
         try:
-            trio.run(main)
+            trio.run(self.serve, companion, on_signals)
         finally:
-            self.tree.destroy()
-            os.close(self.fuse_fd)
-            if self.state is not None:
-                self.state.unlink(missing_ok=True)
-            log.info("stopped: %d breaks, %d marks cleared", self.tree.stats.breaks, self.tree.stats.unmarks)
+            self.close()
 
 
 def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | None) -> None:

@@ -54,16 +54,29 @@ def key_of(st: os.stat_result) -> Key:
     return (st.st_dev, st.st_ino)
 
 
-class FdCache:
-    """Open fds for inodes, bounded: a node's O_PATH fd (and its data fd) is
-    closed when it falls off the end of an LRU, and reopened from its file
-    handle when next needed.  The daemon must not depend on RLIMIT_NOFILE
-    being larger than the number of inodes the kernel caches."""
+class Lru:
+    """The bound on cached fds, shared by every tree one daemon serves: a
+    daemon serving many guests must stay under one RLIMIT_NOFILE, and the
+    guest that is busy now should have the fds, not the idle ones."""
 
-    def __init__(self, mount_fd: int, capacity: int) -> None:
-        self.mount_fd = mount_fd  # any fd on the backing filesystem
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.lru: OrderedDict[int, Node] = OrderedDict()
+        self.nodes: OrderedDict[int, Node] = OrderedDict()
+
+
+class FdCache:
+    """Open fds for one tree's inodes: a node's O_PATH fd (and its data fd)
+    is closed when it falls off the end of the LRU, and reopened from its
+    file handle when next needed.  The daemon must not depend on
+    RLIMIT_NOFILE being larger than the number of inodes the kernel caches."""
+
+    def __init__(self, mount_fd: int, lru: Lru) -> None:
+        self.mount_fd = mount_fd  # any fd on the backing filesystem
+        self.lru = lru
+
+    @property
+    def capacity(self) -> int:
+        return self.lru.capacity
 
     def reopen(self, node: Node) -> int:
         assert node.handle is not None
@@ -72,13 +85,14 @@ class FdCache:
     def admit(self, node: Node) -> None:
         if node.pinned:
             return
-        self.lru[id(node)] = node
-        self.lru.move_to_end(id(node))
+        lru = self.lru.nodes
+        lru[id(node)] = node
+        lru.move_to_end(id(node))
         skipped = 0
-        while len(self.lru) > self.capacity and skipped < len(self.lru):
-            _, old = self.lru.popitem(last=False)
+        while len(lru) > self.lru.capacity and skipped < len(lru):
+            _, old = lru.popitem(last=False)
             if old.busy:
-                self.lru[id(old)] = old
+                lru[id(old)] = old
                 skipped += 1
                 continue
             # The handle is taken only now, on eviction: most nodes never are.
@@ -89,11 +103,11 @@ class FdCache:
             old.close_fds()
 
     def touch(self, node: Node) -> None:
-        if id(node) in self.lru:
-            self.lru.move_to_end(id(node))
+        if id(node) in self.lru.nodes:
+            self.lru.nodes.move_to_end(id(node))
 
     def discard(self, node: Node) -> None:
-        self.lru.pop(id(node), None)
+        self.lru.nodes.pop(id(node), None)
 
 
 @dataclass(eq=False)
@@ -188,7 +202,7 @@ def _walk_dirs(root_fd: int) -> Iterator[tuple[int, os.stat_result, list[os.DirE
 class CowTree:
     """A guest's backing tree as the guest sees it."""
 
-    def __init__(self, backing: str, idmap: IdMap | None = None, fd_budget: int = 8192) -> None:
+    def __init__(self, backing: str, idmap: IdMap | None = None, fd_budget: int = 8192, lru: Lru | None = None) -> None:
         self.idmap = idmap or IdMap()
         self.stats = Stats()
         root_fd = os.open(backing, O_PATH_NOFOLLOW | os.O_DIRECTORY)
@@ -196,7 +210,7 @@ class CowTree:
         # open_by_handle_at wants a real (not O_PATH) fd on the filesystem
         self.mount_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
         # Each cached node may hold two fds (path and data).
-        self.fds = FdCache(self.mount_fd, max(16, fd_budget // 2))
+        self.fds = FdCache(self.mount_fd, lru or Lru(max(16, fd_budget // 2)))
         self.dev = st.st_dev
         root = Node(ROOT, root_fd, key_of(st), stat.S_IFDIR, lookups=1, cache=self.fds, pinned=True)
         self.nodes: dict[int, Node] = {ROOT: root}
@@ -236,6 +250,7 @@ class CowTree:
     def destroy(self) -> None:
         """Forget everything (unmount): close every fd we hold."""
         for node in self.nodes.values():
+            self.fds.discard(node)  # the LRU may be shared with other trees
             node.close_fds()
         self.nodes.clear()
         os.close(self.mount_fd)

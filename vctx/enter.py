@@ -20,7 +20,9 @@ import signal
 import sys
 import termios
 import tty as ttymod
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from . import config, errors
 from . import sys as k
@@ -91,6 +93,89 @@ def _join(name: str, init: int) -> None:
     os.setresuid(0, 0, 0)
 
 
+@dataclass
+class Target:
+    """What a command run in a guest becomes, worked out after joining it."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    uid: int
+    gid: int
+    groups: list[int]
+    rlimits: dict[int, tuple[int, int]]
+    workdir: str
+    confine: bool  # the isolated network's Landlock scope and seccomp filter
+
+
+def join_guest(
+    home: Home,
+    name: str,
+    argv: list[str],
+    user: str = "root",
+    env: dict[str, str] | None = None,
+    workdir: str | None = None,
+    tty: bool = False,
+    login: bool = False,
+) -> Target:
+    """Join the guest's cgroups and namespaces, for good; the child forked
+    next is in its PID namespace and runs become()."""
+    r = running(name)
+    if r is None or (r.home and Path(r.home) != home.root):
+        raise errors.NotRunning(f"guest {name!r} is not running")
+    try:
+        rlimits = config.load(home.guest(name) / "guest.toml").resource_limits()
+    except errors.VctxError:
+        rlimits = {}  # the config changed into something broken while it runs: keep the caller's
+    _join(name, r.init)
+    uid, gid, uname, uhome, shell = _passwd(user)
+    if login:
+        argv = [shell, "-l"]
+    e = {
+        "PATH": PATH,
+        "HOME": uhome,
+        "USER": uname,
+        "LOGNAME": uname,
+        "SHELL": shell,
+        "container": "vctx",
+        "TERM": os.environ.get("TERM", "xterm") if tty else "dumb",
+    }
+    e.update(env or {})
+    wd = workdir or (uhome if login else "/")
+    return Target(name, argv, e, uid, gid, _groups(uname, gid), rlimits, wd, r.net == "isolated")
+
+
+def become(t: Target) -> NoReturn:
+    """In the forked child: the guest's limits, capability bounds and user, then exec."""
+    try:
+        for res, lim in t.rlimits.items():  # the guest's limits, as its init has them
+            resource.setrlimit(res, lim)
+        k.drop_bounding(list(CAP_DROP.values()))
+        if t.confine:
+            confine_network()
+        os.setgroups(t.groups)
+        os.setresgid(t.gid, t.gid, t.gid)
+        os.setresuid(t.uid, t.uid, t.uid)
+        os.chdir(t.workdir)
+        os.execvpe(t.argv[0], t.argv, t.env)
+    except FileNotFoundError:
+        os.write(2, f"vctx: {t.argv[0]}: command not found in {t.name}\n".encode())
+        os._exit(127)
+    except OSError as ex:
+        os.write(2, f"vctx: cannot run {t.argv[0]} in {t.name}: {ex.strerror}\n".encode())
+        os._exit(126)
+    except BaseException as ex:
+        os.write(2, f"vctx: cannot run {t.argv[0]} in {t.name}: {ex}\n".encode())
+        os._exit(126)
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell shows it: 128+N if killed by signal N."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
 def exec_in(
     home: Home,
     name: str,
@@ -102,29 +187,9 @@ def exec_in(
     stdio: bool = True,
     login: bool = False,
 ) -> int:
-    """Run argv in the guest; returns its exit code (128+N if killed by signal N)."""
-    r = running(name)
-    if r is None:
-        raise errors.NotRunning(f"guest {name!r} is not running")
-    try:
-        rlimits = config.load(home.guest(name) / "guest.toml").resource_limits()
-    except errors.VctxError:
-        rlimits = {}  # the config changed into something broken while it runs: keep the caller's
-    _join(name, r.init)
-    uid, gid, uname, uhome, shell = _passwd(user)
-    if login:
-        argv = [shell, "-l"]
-    groups = _groups(uname, gid)
-    e = {
-        "PATH": PATH,
-        "HOME": uhome,
-        "USER": uname,
-        "LOGNAME": uname,
-        "SHELL": shell,
-        "container": "vctx",
-        "TERM": os.environ.get("TERM", "xterm") if tty else "dumb",
-    }
-    e.update(env or {})
+    """Run argv in the guest from this process (which joins it for good);
+    returns its exit code."""
+    t = join_guest(home, name, argv, user, env, workdir, tty, login)
     master = slave = -1
     if tty:
         master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
@@ -132,38 +197,20 @@ def exec_in(
         fcntl.ioctl(master, TIOCSPTLCK, b"\0\0\0\0")  # unlockpt
         n = int.from_bytes(fcntl.ioctl(master, TIOCGPTN, b"\0\0\0\0"), sys.byteorder)
         slave = os.open(f"/dev/pts/{n}", os.O_RDWR | os.O_NOCTTY)
-        os.fchown(slave, uid, -1)
+        os.fchown(slave, t.uid, -1)
         _copy_winsize(master)
     pid = os.fork()
     if pid == 0:
-        try:
-            if tty:
-                os.setsid()
-
-                fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-                for fd in (0, 1, 2):
-                    os.dup2(slave, fd)
-            elif not stdio:
-                null = os.open("/dev/null", os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
-            for res, lim in rlimits.items():  # the guest's limits, as its init has them
-                resource.setrlimit(res, lim)
-            k.drop_bounding(list(CAP_DROP.values()))
-            if r.net == "isolated":
-                confine_network()
-            os.setgroups(groups)
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            os.chdir(workdir or (uhome if login else "/"))
-            os.execvpe(argv[0], argv, e)
-        except FileNotFoundError:
-            os.write(2, f"vctx: {argv[0]}: command not found in {name}\n".encode())
-            os._exit(127)
-        except OSError as ex:
-            os.write(2, f"vctx: cannot run {argv[0]} in {name}: {ex.strerror}\n".encode())
-            os._exit(126)
-        os._exit(127)
+        if tty:
+            os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(slave, fd)
+        elif not stdio:
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+        become(t)
     if tty:
         os.close(slave)
         _proxy(master, pid)
@@ -173,9 +220,7 @@ def exec_in(
             break
         except InterruptedError:
             continue
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
+    return exit_code(status)
 
 
 def _copy_winsize(master: int) -> None:

@@ -1,39 +1,39 @@
-"""A running guest's one host-side process: its cowfs daemon and init's parent.
+"""One running guest, as vctxd (daemon.py) holds it: its cowfs mount, its
+init, its console.
 
-`vctx boot` starts `python -m vctx.monitor NAME`, detached from the caller.
-The monitor:
+For each guest the daemon:
 
-1. forks the launcher while it is still single-threaded, makes the guest's
-   cgroups and puts the launcher in them, mounts the guest's tree with cowfs
-   (ids shifted into the guest's range);
+1. asks the forker (zygote.py) for a launcher, makes the guest's cgroups and
+   puts the launcher in them, mounts the guest's tree with cowfs (ids
+   shifted into the guest's range) — in a worker thread, so the guests
+   already running are served meanwhile;
 2. lets the launcher unshare its namespaces, writes its uid/gid maps, and
    the launcher forks the guest's PID 1, which builds the root (context.py)
    and execs init;
-3. serves the FUSE mount and waits for init in one trio loop, draining the
-   console into console.log;
+3. serves the FUSE mount and waits for init, draining the console into
+   console.log;
 4. when init dies, waits for the context to empty, unmounts, removes the
    cgroups — and on a guest's reboot (init killed by SIGHUP: reboot(2) in a
-   PID namespace) execs itself to boot the guest again.
+   PID namespace) boots it again.
 
-It is a subreaper, so PID 1 becomes its child once the launcher exits, and
-it alone reads init's wait status.
+The daemon is a subreaper, so PID 1 becomes its child once the launcher
+exits, and it alone reads init's wait status.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import logging
 import os
 import resource
 import signal
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cowfs.daemon import MountOptions, Served
+from cowfs.daemon import MountOptions, Served, find_mount
 from cowfs.idmap import IdMap
 
 from . import errors, netctx
@@ -45,11 +45,14 @@ from .context import Spec, become_init, setup_root
 from .files import write_atomic
 from .home import Home
 
+if TYPE_CHECKING:
+    from cowfs.model import Lru
+
 RUN = Path(os.environ.get("VCTX_RUN", "/run/vctx"))
 NS_FLAGS = k.CLONE_NEWUSER | k.CLONE_NEWNS | k.CLONE_NEWUTS | k.CLONE_NEWIPC | k.CLONE_NEWPID | k.CLONE_NEWCGROUP
 CONSOLE_LOG_MAX = 1 << 20
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-log = logging.getLogger("vctx.monitor")
+log = logging.getLogger("vctx.daemon")
 
 
 def run_dir(name: str) -> Path:
@@ -80,12 +83,12 @@ class BootError(Exception):
         self.code = code
 
 
-def _launcher(spec: Spec, net: netctx.Plan, to_c: int, from_c: int, err_w: int) -> None:
-    """The forked launcher: unshare, become root of the new user namespace,
+def launcher(spec: Spec, net: netctx.Plan, to_c: int, from_c: int, err_w: int) -> None:
+    """The launcher, forked by the forker (zygote.py): unshare, become root of the new user namespace,
     configure its network namespace if it has one, fork PID 1 and report
     its pid.  Never returns."""
     code = 0
-    # Nothing of the monitor's may leak into the guest (the caller's ready pipe, the FUSE fd).
+    # Nothing of the forker's may leak into the guest (its sockets, a client's fds).
     keep = sorted({0, 1, 2, to_c, from_c, err_w})
     for lo, hi in zip(keep, [*keep[1:], 1 << 16], strict=True):
         os.closerange(lo + 1, hi)
@@ -116,20 +119,49 @@ def _launcher(spec: Spec, net: netctx.Plan, to_c: int, from_c: int, err_w: int) 
     os._exit(code)
 
 
+Launch = Callable[[Spec, netctx.Plan, list[int]], int]
+WaitChild = Callable[[int], Awaitable[int]]
+
+
+def guest_log(home: Home, name: str) -> logging.Logger:
+    """A logger writing to the guest's monitor.log (the daemon's log has the rest)."""
+    lg = logging.getLogger(f"vctx.guest.{name}")
+    if not lg.handlers:
+        h = logging.FileHandler(home.guest(name) / "monitor.log")
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    return lg
+
+
+def close_log(lg: logging.Logger) -> None:
+    for h in list(lg.handlers):
+        lg.removeHandler(h)
+        h.close()
+
+
 class Monitor:
-    def __init__(self, home: Home, name: str) -> None:
+    """One boot of one guest, from prepare() to the end of run()."""
+
+    def __init__(self, home: Home, name: str, launch: Launch, lru: Lru | None = None) -> None:
         self.home, self.name = home, name
         self.g = guests.load(home, name)
         cfg = self.g.cfg
+        self.launch_via = launch
+        self.lru = lru
         self.cg = GuestCgroups(name)
         self.rd = run_dir(name)
         self.mnt = self.rd / "root"
         self.init_pid = 0
+        self.launcher = 0
+        self.launcher_fd = -1
         self.outcome = "halt"
+        self.started = False
         self.served: Served | None = None
         self.console_log = self.g.path / "console.log"
         self.failure: BaseException | None = None
-        self.tell: Callable[[str], None] = lambda msg: None
+        self.log = guest_log(home, name)
         self.net = netctx.plan(cfg)
         self.spec = Spec(
             root=str(self.mnt),
@@ -145,29 +177,30 @@ class Monitor:
     # --- boot -----------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Everything before the launch: made synchronously, torn down on failure."""
+        """Everything before the launch: made synchronously (in a worker
+        thread of the daemon), torn down on failure."""
         cfg = self.g.cfg
         check_rlimits(self.spec.rlimits)
+        cleanup(self.name, quiet=True)  # a crashed boot's leftovers must not stop this one
         self.rd.mkdir(parents=True, exist_ok=True)
         self.mnt.mkdir(exist_ok=True)
-        k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
         self.master, slave = os.openpty()
         os.set_blocking(self.master, False)
         self.spec.console = os.ttyname(slave)
         os.chown(slave, cfg.id_base, cfg.id_base + 5)  # the guest's root owns its console
-        to_c_r, self.to_c = os.pipe()
-        self.from_c, from_c_w = os.pipe()
+        to_c_r, self.to_c = os.pipe2(os.O_CLOEXEC)
+        self.from_c, from_c_w = os.pipe2(os.O_CLOEXEC)
         self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        if self.net.own_netns:
-            import pyroute2  # type: ignore[import-untyped]  # noqa: F401 - here: the launcher configures its namespace with it
-
-        self.launcher = os.fork()  # before any thread exists: the child runs Python
-        if self.launcher == 0:
+        try:
+            self.launcher = self.launch_via(self.spec, self.net, [to_c_r, from_c_w, err_w])
+            self.launcher_fd = os.pidfd_open(self.launcher)
+        except BaseException:
             for fd in (self.to_c, self.from_c, self.err_r, self.master):
                 os.close(fd)
-            _launcher(self.spec, self.net, to_c_r, from_c_w, err_w)
-        for fd in (to_c_r, from_c_w, err_w, slave):
-            os.close(fd)
+            raise
+        finally:
+            for fd in (to_c_r, from_c_w, err_w, slave):
+                os.close(fd)
         try:
             netctx.check_unique(self.net, guests.configs(self.home))
             self.cg.create(cfg.limits, owner=cfg.id_base)
@@ -175,10 +208,11 @@ class Monitor:
             if self.net.mode == "isolated":
                 netctx.up_isolated(self.net, self.cg.v2)
             opts = MountOptions(idmap=IdMap(cfg.id_base, cfg.id_base, cfg.id_size), suid=True)
-            self.served = Served(str(self.g.rootfs), str(self.mnt), opts)
+            self.served = Served(str(self.g.rootfs), str(self.mnt), opts, lru=self.lru)
         except BaseException:
-            os.kill(self.launcher, signal.SIGKILL)
-            os.waitpid(self.launcher, 0)
+            signal.pidfd_send_signal(self.launcher_fd, signal.SIGKILL)
+            for fd in (self.to_c, self.from_c, self.err_r, self.master, self.launcher_fd):
+                os.close(fd)
             self.teardown()
             raise
 
@@ -208,15 +242,17 @@ class Monitor:
                 if not chunk:
                     break
                 line += chunk
-            os.waitpid(self.launcher, 0)
-            if not line.strip().isdigit():
+            if line.strip().isdigit():
+                self.init_pid = int(line)
+            # The launcher exits once it has reported: init is then ours.
+            await trio.lowlevel.wait_readable(self.launcher_fd)
+            if not self.init_pid:
                 raise BootError(errors.BuildFailed.exit_code, await self._aerr() or "the launcher died")
-            self.init_pid = int(line)
             msg = await self._aerr()  # EOF without a word: init was exec'd
             if msg:
                 raise BootError(errors.BuildFailed.exit_code, msg)
         finally:
-            for fd in (self.to_c, self.from_c, self.err_r):
+            for fd in (self.to_c, self.from_c, self.err_r, self.launcher_fd):
                 os.close(fd)
         state = {
             "name": self.name,
@@ -248,69 +284,72 @@ class Monitor:
             self.cg.kill()
         if self.served is not None and os.path.ismount(self.mnt):
             k.umount(str(self.mnt), lazy=True)
-        self.cg_remove()
-        try:
-            netctx.down(self.name)
-        except (OSError, errors.VctxError) as e:
-            log.warning("cannot remove the network of %s: %s", self.name, e)
-        state_path(self.name).unlink(missing_ok=True)
-
-    def cg_remove(self) -> None:
         try:
             self.cg.remove()
         except OSError as e:
-            log.warning("cannot remove cgroups of %s: %s", self.name, e)
+            self.log.warning("cannot remove cgroups of %s: %s", self.name, e)
+        try:
+            netctx.down(self.name)
+        except (OSError, errors.VctxError) as e:
+            self.log.warning("cannot remove the network of %s: %s", self.name, e)
+        state_path(self.name).unlink(missing_ok=True)
 
     # --- supervision --------------------------------------------------------------
 
-    async def supervise(self) -> None:
+    async def run(self, wait_child: WaitChild, task_status: Any) -> str:
+        """Serve the mount and supervise init until the guest is gone;
+        task_status.started() once init runs.  Returns halt or reboot."""
+        assert self.served is not None
+        try:
+            await self.served.serve(lambda: self.supervise(wait_child, task_status), on_signals=False)
+        finally:
+            self.served.close()
+            self.teardown()
+            os.close(self.master)
+        if self.failure is not None:
+            raise self.failure
+        return self.outcome
+
+    async def supervise(self, wait_child: WaitChild, task_status: Any) -> None:
         import trio
 
         try:
             await self.launch()
-        except BaseException as e:
+        except Exception as e:
             self.failure = e
             if self.init_pid:
                 os.kill(self.init_pid, signal.SIGKILL)
+                await wait_child(self.init_pid)
             self.cg.kill()
             await self._wait_empty()
             return
-        self.tell("ok")
+        self.started = True
+        self.log.info("%s: booted, init pid %d", self.name, self.init_pid)
+        task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._drain_console)
-            nursery.start_soon(self._on_signals)
-            pidfd = os.pidfd_open(self.init_pid)
-            try:
-                await trio.lowlevel.wait_readable(pidfd)
-            finally:
-                os.close(pidfd)
-            _, status = os.waitpid(self.init_pid, 0)
+            status = await wait_child(self.init_pid)
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGHUP:
                 self.outcome = "reboot"
-            log.info("%s: init ended (%s): %s", self.name, status, self.outcome)
+            self.log.info("%s: init ended (%s): %s", self.name, status, self.outcome)
             # The kernel kills the rest of the PID namespace; wait until it is gone.
             await self._wait_empty()
             nursery.cancel_scope.cancel()
 
-    async def _on_signals(self) -> None:
-        """SIGTERM to the monitor (a host shutdown, an admin's kill) shuts
-        the guest down the way `vctx stop` asks it, not by pulling its root."""
-        import trio
-
+    def ask_stop(self) -> bool:
+        """Ask init to shut down the way its style understands; False if it
+        takes a command inside (sysvinit's telinit) that the caller runs."""
         from .runtime import halt_signal
 
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-            async for _ in sigs:
-                sig = halt_signal(self.g.cfg.init)
-                log.info("%s: asked to stop", self.name)
-                if sig is None:  # sysvinit: telinit, from inside
-                    cmd = [sys.executable, "-m", "vctx", "exec", self.name, "--", "/sbin/telinit", "0"]
-                    await trio.run_process(cmd, check=False, env={**os.environ, "VCTX_HOME": str(self.home.root)})
-                    continue
-                try:
-                    os.kill(self.init_pid, sig)
-                except ProcessLookupError:
-                    return
+        self.log.info("%s: asked to stop", self.name)
+        sig = halt_signal(self.g.cfg.init)
+        if sig is None:
+            return False
+        try:
+            os.kill(self.init_pid, sig)
+        except ProcessLookupError:
+            pass
+        return True
 
     async def _wait_empty(self) -> None:
         import trio
@@ -346,15 +385,25 @@ class Monitor:
         finally:
             os.close(out)
 
-    def run(self) -> str:
-        assert self.served is not None
-        try:
-            self.served.run(self.supervise, on_signals=False)
-        finally:
-            self.teardown()
-        if self.failure is not None:
-            raise self.failure
-        return self.outcome
+
+def cleanup(name: str, quiet: bool = False) -> None:
+    """Make sure nothing of a stopped guest remains: processes, mount, cgroups."""
+    cg = GuestCgroups(name)
+    if cg.exists():
+        cg.kill()
+        deadline = time.monotonic() + 10
+        while cg.populated() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if cg.populated() and not quiet:
+            raise errors.VctxError(f"processes of {name} survive SIGKILL: {cg.pids()}")
+    mnt = str(run_dir(name) / "root")
+    while find_mount(mnt) is not None:
+        k.umount(mnt, lazy=True)
+    cg.remove()
+    netctx.down(name)
+    state_path(name).unlink(missing_ok=True)
+    if cg.exists() and not quiet:
+        raise errors.VctxError(f"cannot remove the cgroups of {name}")
 
 
 class _Inotify:
@@ -379,44 +428,3 @@ class _Inotify:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="vctx.monitor")
-    ap.add_argument("name")
-    ap.add_argument("--home")
-    ap.add_argument("--ready-fd", type=int)
-    args = ap.parse_args(argv)
-    home = Home(args.home)
-    logging.basicConfig(
-        filename=str(home.guest(args.name) / "monitor.log"), level=logging.INFO, format="%(asctime)s %(message)s"
-    )
-
-    def tell(msg: str) -> None:
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, msg.encode())
-            os.close(args.ready_fd)
-            args.ready_fd = None
-
-    try:
-        m = Monitor(home, args.name)
-        m.tell = tell
-        m.prepare()
-        outcome = m.run()
-    except BootError as e:
-        tell(f"E{e.code} cannot boot {args.name}: {e}")
-        sys.exit(1)
-    except errors.VctxError as e:
-        tell(f"E{e.exit_code} {e}")
-        sys.exit(1)
-    except Exception as e:
-        log.exception("boot failed")
-        tell(f"E1 cannot boot {args.name}: {e}")
-        sys.exit(1)
-    if outcome == "reboot":
-        log.info("%s: rebooting", args.name)
-        os.execv(sys.executable, [sys.executable, "-m", "vctx.monitor", args.name, "--home", str(home.root)])
-
-
-if __name__ == "__main__":
-    main()

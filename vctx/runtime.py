@@ -1,15 +1,14 @@
 """Running guests: boot, stop, kill, and what is known about them.
 
-A guest runs when its monitor (monitor.py) is alive; the monitor's state
-file in /run/vctx names it and the guest's init.  Every check goes through
-pidfds, so a recycled pid is never mistaken for the guest.
+A guest runs when vctxd (daemon.py) holds it and its init is alive; the
+state file in /run/vctx/NAME names both.  Boots and the wait for a stop go
+to vctxd (control.py); signals go straight to the guest.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -17,14 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfs.daemon import find_mount, wait_pid_exit
+from cowfs.daemon import find_mount
 
-from . import config, errors, netctx
+from . import config, control, errors, netctx
 from . import guest as guests
 from . import sys as k
 from .cgroups import GuestCgroups
 from .home import Home
-from .monitor import run_dir, state_path
+from .monitor import cleanup, run_dir, state_path
 
 
 @dataclass
@@ -36,6 +35,7 @@ class Running:
     root: str
     style: str
     net: str  # the network mode it booted with
+    home: str
 
 
 def _alive(pid: int) -> bool:
@@ -62,6 +62,7 @@ def running(name: str) -> Running | None:
         str(s["root"]),
         str(s["style"]),
         str(s.get("net", "host")),
+        str(s.get("home", "")),
     )
     if not _alive(r.monitor) or not _alive(r.init):
         return None
@@ -87,55 +88,21 @@ def boot(home: Home, name: str, timeout: float = 60.0) -> Running:
     if running(name) is not None:
         raise errors.Running(f"guest {name!r} is already running")
     _check_init(g)
-    # a crashed monitor's leftovers must not stop a new boot
-    cleanup(name, quiet=True)
-    r, w = os.pipe()
-    log = open(g.path / "monitor.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vctx.monitor", name, "--home", str(home.root), "--ready-fd", str(w)],
-        pass_fds=(w,),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        start_new_session=True,  # not in the caller's session: it outlives the vctx command
-    )
-    log.close()
-    os.close(w)
-    msg = _read_all(r, timeout)
-    if msg != "ok":
-        proc.wait()
-        if msg.startswith("E") and " " in msg:
-            code, _, text = msg[1:].partition(" ")
-            err = errors.VctxError(text)
-            err.exit_code = int(code) if code.isdigit() else 1
-            raise err
-        raise errors.VctxError(f"cannot boot {name}: the monitor died (see {g.path / 'monitor.log'})")
+    control.request({"op": "boot", "home": str(home.root), "name": name}, timeout)
     st = running(name)
     if st is None:
         raise errors.VctxError(f"guest {name} stopped right after boot (see {g.path / 'console.log'})")
     return st
 
 
-def _read_all(fd: int, timeout: float) -> str:
-    chunks = []
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return "E1 boot timed out"
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode(errors="replace")
-
-
 def halt_signal(style: str) -> int | None:
     """How each init style is asked to power off (None: run a command)."""
     return {"systemd": k.rtmin(3), "busybox": int(signal.SIGUSR2), "plain": int(signal.SIGTERM)}.get(style)
+
+
+def _wait_gone(name: str, timeout: float) -> bool:
+    reply = control.request({"op": "wait", "name": name, "timeout": timeout}, timeout + 10, start=False)
+    return reply is None or bool(reply["gone"])
 
 
 def stop(home: Home, name: str, timeout: float = 30.0) -> None:
@@ -155,33 +122,11 @@ def stop(home: Home, name: str, timeout: float = 30.0) -> None:
             subprocess.run(cmd, capture_output=True, timeout=timeout, env={**os.environ, "VCTX_HOME": str(home.root)})
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
-    if not wait_pid_exit(r.monitor, timeout):
+    if not _wait_gone(name, timeout):
         # Shutdown took too long: the kill sequence on the whole context.
         GuestCgroups(name).kill()
-        if not wait_pid_exit(r.monitor, 10.0):
-            os.kill(r.monitor, signal.SIGKILL)
-            wait_pid_exit(r.monitor, 10.0)
+        _wait_gone(name, 10.0)
     cleanup(name)
-
-
-def cleanup(name: str, quiet: bool = False) -> None:
-    """Make sure nothing of a stopped guest remains: processes, mount, cgroups."""
-    cg = GuestCgroups(name)
-    if cg.exists():
-        cg.kill()
-        deadline = time.monotonic() + 10
-        while cg.populated() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if cg.populated() and not quiet:
-            raise errors.VctxError(f"processes of {name} survive SIGKILL: {cg.pids()}")
-    mnt = str(run_dir(name) / "root")
-    while find_mount(mnt) is not None:
-        k.umount(mnt, lazy=True)
-    cg.remove()
-    netctx.down(name)
-    state_path(name).unlink(missing_ok=True)
-    if cg.exists() and not quiet:
-        raise errors.VctxError(f"cannot remove the cgroups of {name}")
 
 
 def apply_live(home: Home, name: str, r: Running, assignments: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ carries it.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 
@@ -44,6 +45,7 @@ def _stmt(code: int, k: int) -> tuple[int, int, int, int]:
     return (code, 0, 0, k)
 
 
+@functools.cache
 def build(machine: str | None = None) -> bytes:
     """The filter for this machine's ABIs (empty where vctx knows none)."""
     abis = ABIS.get(machine or os.uname().machine)

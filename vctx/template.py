@@ -196,9 +196,12 @@ def import_tar(root: Path, status: Status, tar_path: Path) -> None:
         try:
             os.chroot(root)
             os.chdir("/")
+            # The chroot is the safety; Pythons without extraction filters
+            # (3.11 before 3.11.4) have no "fully_trusted" to ask for.
+            trusted = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
             with tarfile.open(fileobj=src, mode="r:*") as tf:
                 for m in tf:
-                    tf.extract(m, "/", numeric_owner=True, filter="fully_trusted")
+                    tf.extract(m, "/", numeric_owner=True, **trusted)  # type: ignore[arg-type]
                     for k, v in m.pax_headers.items():
                         if k.startswith("SCHILY.xattr."):
                             os.setxattr(
