@@ -193,6 +193,70 @@ def test_sigterm_to_the_daemon_shuts_its_guests_down(bb_home: Path, guest: str) 
     assert "asked to stop" in log and log.index("asked to stop") < log.rindex(": halt")  # a shutdown, not a kill
 
 
+def _exec_popen(home: Path, guest: str, script: str) -> subprocess.Popen[str]:
+    """A `vctx exec` running script in the guest, once it printed "ready"."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vctx", "exec", guest, "--", "sh", "-c", f"{script}; echo ready; while :; do sleep 1; done"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "VCTX_HOME": str(home)},
+    )
+    assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    return p
+
+
+def test_exec_relays_signals_and_hangs_up(bb_home: Path, guest: str) -> None:
+    vctx(bb_home, "boot", guest)
+    # a signal to `vctx exec` reaches the command; its exit code comes back
+    p = _exec_popen(bb_home, guest, "trap 'exit 42' TERM")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait() == 42
+    p.stdout.close()  # type: ignore[union-attr]
+    # `vctx exec` killed outright: the command is hung up (it tells a fifo we read from inside)
+    vctx(bb_home, "exec", guest, "--", "mkfifo", "/tmp/hup")
+    p = _exec_popen(bb_home, guest, "trap 'echo hung up > /tmp/hup; exit 0' HUP")
+    p.kill()
+    p.wait()
+    p.stdout.close()  # type: ignore[union-attr]
+    assert vctx(bb_home, "exec", guest, "--", "cat", "/tmp/hup").stdout == "hung up\n"
+
+
+def _daemon(st: dict[str, object]) -> int:
+    return int(st["monitor"])  # type: ignore[call-overload]
+
+
+def test_a_dead_forker_or_daemon_loses_nothing_for_good(bb_home: Path, guest: str) -> None:
+    from vctx import control
+
+    vctx(bb_home, "boot", guest)
+    # the forker dies: exec takes the slow path, the next boot starts a new forker
+    forker = control.request({"op": "ping"})["forker"]  # type: ignore[index]
+    os.kill(forker, signal.SIGKILL)
+    assert wait_pid_exit(forker, 10.0)
+    assert vctx(bb_home, "exec", guest, "--", "echo", "slow path").stdout == "slow path\n"
+    other = guest + "-b"
+    vctx(bb_home, "create", other, "--template", "bb")
+    try:
+        vctx(bb_home, "boot", other)
+        assert control.request({"op": "ping"})["forker"] not in (0, forker)  # type: ignore[index]
+        assert vctx(bb_home, "exec", other, "--", "echo", "fast path").stdout == "fast path\n"
+        vctx(bb_home, "stop", other)
+    finally:
+        vctx(bb_home, "delete", other, check=False)
+    # the daemon is killed: its guest is lost, `vctx stop` clears what is left, a boot starts afresh
+    st = state(guest)
+    assert st is not None
+    os.kill(_daemon(st), signal.SIGKILL)
+    assert wait_pid_exit(_daemon(st), 10.0)
+    assert vctx(bb_home, "status", guest, check=False).returncode == 3
+    vctx(bb_home, "stop", guest)
+    nothing_left(guest, [int(st["init"])])  # type: ignore[call-overload]
+    vctx(bb_home, "boot", guest)
+    st2 = state(guest)
+    assert st2 is not None and _daemon(st2) != _daemon(st)
+    assert vctx(bb_home, "exec", guest, "--", "hostname").stdout.strip() == guest
+
+
 def test_limits_stay_inside(bb_home: Path, guest: str) -> None:
     vctx(bb_home, "set", guest, "memory=32M", "pids=20")
     vctx(bb_home, "boot", guest)

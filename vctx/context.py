@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl  # imported here: nothing can be imported after pivot_root
 import os
 import resource
+import signal
 import stat
 import termios
 from dataclasses import dataclass, field
@@ -135,6 +136,20 @@ def confine_network() -> None:
         k.seccomp_filter(prog)
 
 
+def default_signals() -> None:
+    """Before exec into the guest: every signal at its default and none
+    blocked.  An ignored disposition survives exec, and Python ignores
+    SIGPIPE and SIGXFSZ, a shell started in the background SIGINT and SIGQUIT,
+    nohup SIGHUP: a guest's `yes | head` or `trap ... HUP` must not inherit that."""
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # the signals glibc keeps for threads
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def become_init(spec: Spec) -> None:
     """The rest of PID 1's set-up, then exec: never returns."""
     k.sethostname(spec.hostname)
@@ -150,6 +165,7 @@ def become_init(spec: Spec) -> None:
     k.drop_bounding(list(CAP_DROP.values()))
     if spec.net_confined:
         confine_network()
+    default_signals()
     init = spec.argv[0]
     try:
         st = os.stat(init)

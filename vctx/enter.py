@@ -27,7 +27,7 @@ from typing import NoReturn
 from . import config, errors
 from . import sys as k
 from .cgroups import GuestCgroups
-from .context import CAP_DROP, confine_network
+from .context import CAP_DROP, confine_network, default_signals
 from .home import Home
 from .monitor import PATH
 from .runtime import running
@@ -157,6 +157,7 @@ def become(t: Target) -> NoReturn:
         os.setresgid(t.gid, t.gid, t.gid)
         os.setresuid(t.uid, t.uid, t.uid)
         os.chdir(t.workdir)
+        default_signals()
         os.execvpe(t.argv[0], t.argv, t.env)
     except FileNotFoundError:
         os.write(2, f"vctx: {t.argv[0]}: command not found in {t.name}\n".encode())

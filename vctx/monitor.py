@@ -63,6 +63,15 @@ def state_path(name: str) -> Path:
     return run_dir(name) / "state.json"
 
 
+def proc_start(pid: int) -> int | None:
+    """When pid started (clock ticks since boot); None if it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
 def init_argv(cfg_init: str, command: list[str]) -> list[str]:
     return list(command) if cfg_init == "plain" else ["/sbin/init"]
 
@@ -257,7 +266,9 @@ class Monitor:
         state = {
             "name": self.name,
             "monitor": os.getpid(),
+            "monitor_start": proc_start(os.getpid()),
             "init": self.init_pid,
+            "init_start": proc_start(self.init_pid),
             "started": time.time(),
             "home": str(self.home.root),
             "root": str(self.mnt),

@@ -23,7 +23,7 @@ from . import guest as guests
 from . import sys as k
 from .cgroups import GuestCgroups
 from .home import Home
-from .monitor import cleanup, run_dir, state_path
+from .monitor import cleanup, proc_start, run_dir, state_path
 
 
 @dataclass
@@ -38,14 +38,11 @@ class Running:
     home: str
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _alive(pid: int, start: int | None) -> bool:
+    """pid runs (not a zombie) and is the process that started at start
+    (clock ticks since boot), not a later one given the same number."""
+    t = proc_start(pid)
+    return t is not None and (start is None or t == start)
 
 
 def running(name: str) -> Running | None:
@@ -64,7 +61,7 @@ def running(name: str) -> Running | None:
         str(s.get("net", "host")),
         str(s.get("home", "")),
     )
-    if not _alive(r.monitor) or not _alive(r.init):
+    if not _alive(r.monitor, s.get("monitor_start")) or not _alive(r.init, s.get("init_start")):
         return None
     return r
 
