@@ -1,13 +1,17 @@
 """Guests against their peers, in one run, contenders alternating.
 
-1. Boot a Debian bookworm (systemd) guest to `running`: vctx boot --wait
-   against systemd-nspawn --boot on a plain copy of the same tree.
-2. Run `true` in a running guest: vctx exec against nsenter -a (the floor)
-   and crun exec of a busybox bundle.
-3. Host-side memory per idle busybox guest (the monitors' PSS: cowfs
-   daemon + init's parent), over N guests.
+1. Boot a Debian bookworm (systemd) guest until systemd says `running` (or
+   `degraded`): vctx boot --wait against systemd-nspawn --boot and LXC
+   (lxc-start) on plain copies of the same tree.  vctx's first boot, which
+   starts the host daemon, is shown apart.
+2. Run `true` in a running guest: vctx exec against nsenter -a (the floor:
+   it joins no cgroup), lxc-attach to the Debian container, and crun exec
+   and runc exec of a busybox bundle.
+3. Host-side memory of N idle busybox guests: what vctx keeps on the host
+   for them (the daemon and its forker, PSS), per guest.
 
-Peers that are not installed are skipped (apt install systemd-container crun).
+Peers that are not installed are skipped (apt install systemd-container lxc
+crun runc).
 Run as root: sudo .venv/bin/python benchmarks/guests.py [--reps N] [--idle N]
 """
 
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,6 +31,7 @@ from pathlib import Path
 
 VCTX = str(Path(sys.executable).parent / "vctx")
 DEBS = Path("/var/cache/vctx/debs")
+RUN = Path("/run/vctx")
 
 
 def run(*cmd: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -45,9 +51,21 @@ def med(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1000:8.1f} ms"
 
 
+def until_running(ask: list[str], t0: float) -> float:
+    """Ask systemd inside until it answers running/degraded (its bus comes
+    up a moment after init starts: until then the question fails at once)."""
+    while True:
+        res = run(*ask, "systemctl", "is-system-running", "--wait", check=False)
+        if res.stdout.strip() in ("running", "degraded"):
+            return time.perf_counter() - t0
+        if time.perf_counter() - t0 > 60:
+            return float("nan")
+        time.sleep(0.01)
+
+
 def nspawn_boot(tree: Path) -> float:
-    """systemd-nspawn --boot, until systemctl in it says running (asked through
-    nsenter: hosts without systemd as PID 1 have no machined to ask)."""
+    """systemd-nspawn --boot (asked through nsenter: hosts without systemd as
+    PID 1 have no machined to ask)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(
         ["systemd-nspawn", "-q", "--boot", "-D", str(tree), "--register=no", "--keep-unit"],
@@ -57,21 +75,88 @@ def nspawn_boot(tree: Path) -> float:
     )
     leader = 0
     try:
-        while True:
-            if not leader:
-                kids = run("pgrep", "-P", str(p.pid), check=False).stdout.split()
-                leader = int(kids[0]) if kids else 0
-            if leader:
-                res = run("nsenter", "-a", "-t", str(leader), "systemctl", "is-system-running", "--wait", check=False)
-                if res.stdout.strip() in ("running", "degraded"):
-                    return time.perf_counter() - t0
-            if p.poll() is not None or time.perf_counter() - t0 > 60:
+        while not leader:
+            kids = run("pgrep", "-P", str(p.pid), check=False).stdout.split()
+            leader = int(kids[0]) if kids else 0
+            if p.poll() is not None:
                 return float("nan")
-            time.sleep(0.02)
+        return until_running(["nsenter", "-a", "-t", str(leader)], t0)
     finally:
         if leader:
             run("kill", "-RTMIN+3", str(leader), check=False)
         p.wait()
+
+
+class Lxc:
+    def __init__(self, base: Path, tree: Path) -> None:
+        self.base, self.name = base, "deb"
+        (base / self.name).mkdir(parents=True)
+        (base / self.name / "config").write_text(
+            "lxc.include = /usr/share/lxc/config/common.conf\n"
+            f"lxc.uts.name = {self.name}\n"
+            f"lxc.rootfs.path = dir:{tree}\n"
+            "lxc.net.0.type = empty\n"
+            "lxc.apparmor.profile = unconfined\n"
+            "lxc.console.path = none\n"
+            "lxc.tty.max = 0\n"
+            "lxc.mount.auto = proc:mixed sys:ro cgroup:mixed\n"
+        )
+        self.attach = ["lxc-attach", "-n", self.name, "-P", str(base), "--"]
+
+    def start(self) -> None:
+        run("lxc-start", "-n", self.name, "-P", str(self.base), "-d")
+
+    def boot(self) -> float:
+        t0 = time.perf_counter()
+        self.start()
+        return until_running(self.attach, t0)
+
+    def stop(self) -> None:
+        run("lxc-stop", "-n", self.name, "-P", str(self.base), "-k", check=False)
+
+
+def oci_bundle(base: Path, rootfs: Path) -> Path:
+    """A busybox bundle for crun and runc: `crun spec`, no terminal, sleeping."""
+    bundle = base / "oci"
+    bundle.mkdir()
+    run("cp", "-a", str(rootfs), str(bundle / "rootfs"))
+    run("crun", "spec", cwd=str(bundle))
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = ["sleep", "100000"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def pss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def daemon() -> dict[str, object] | None:
+    from vctx import control
+
+    return control.request({"op": "ping"}, 10.0, start=False)
+
+
+def stop_idle_daemon() -> bool:
+    """So that the next boot starts vctxd: True if none runs now."""
+    d = daemon()
+    if d is None:
+        return True
+    if d["guests"]:
+        return False
+    pid = int(d["pid"])  # type: ignore[call-overload]
+    os.kill(pid, signal.SIGTERM)
+    from cowfs.daemon import wait_pid_exit
+
+    return wait_pid_exit(pid, 30.0)
+
+
+def host_side(d: dict[str, object]) -> int:
+    return pss(int(d["pid"])) + pss(int(d["forker"]))  # type: ignore[call-overload]
 
 
 def main() -> None:
@@ -83,28 +168,45 @@ def main() -> None:
         sys.exit("benchmarks/guests.py: run as root")
     home = Path(tempfile.mkdtemp(prefix="vctx-guests-", dir="/var/tmp"))
     os.environ["VCTX_HOME"] = str(home)
+    lxc: Lxc | None = None
+    oci: list[tuple[str, str]] = []
     try:
         run(VCTX, "template", "build", "deb", "--from", "debian", "--cache-dir", str(DEBS))
         run(VCTX, "template", "build", "bb", "--from", "busybox")
         run(VCTX, "create", "deb1", "-t", "deb")
-        plain = home / "plain"
-        run("cp", "-a", str(home / "templates/deb/rootfs"), str(plain))
         have_nspawn = shutil.which("systemd-nspawn") is not None
+        if have_nspawn:
+            run("cp", "-a", str(home / "templates/deb/rootfs"), str(home / "nspawn-root"))
+        if shutil.which("lxc-start"):
+            run("cp", "-a", str(home / "templates/deb/rootfs"), str(home / "lxc-root"))
+            lxc = Lxc(home / "lxc", home / "lxc-root")
 
         print(f"## boot Debian bookworm (systemd) to running ({args.reps} rounds, alternating)")
+        cold = None
+        if stop_idle_daemon():
+            cold = timed(VCTX, "boot", "--wait", "deb1")
+            run(VCTX, "stop", "deb1")
         boots: dict[str, list[float]] = {"vctx boot --wait": []}
         if have_nspawn:
             boots["systemd-nspawn --boot"] = []
+        if lxc is not None:
+            boots["lxc-start"] = []
         for _ in range(args.reps):
             boots["vctx boot --wait"].append(timed(VCTX, "boot", "--wait", "deb1"))
             run(VCTX, "stop", "deb1")
             if have_nspawn:
-                boots["systemd-nspawn --boot"].append(nspawn_boot(plain))
+                boots["systemd-nspawn --boot"].append(nspawn_boot(home / "nspawn-root"))
+            if lxc is not None:
+                boots["lxc-start"].append(lxc.boot())
+                lxc.stop()
+        if cold is not None:
+            print(f"  {'vctx, first boot (starts vctxd)':<34} {cold * 1000:8.1f} ms")
         for k, v in boots.items():
-            print(f"  {k:<24} {med(v)}")
-        if have_nspawn:
-            r = statistics.median(boots["vctx boot --wait"]) / statistics.median(boots["systemd-nspawn --boot"])
-            print(f"  vctx / nspawn = {r:.2f}")
+            print(f"  {k:<34} {med(v)}")
+        mine = statistics.median(boots["vctx boot --wait"])
+        for k, v in boots.items():
+            if k != "vctx boot --wait":
+                print(f"  vctx / {k} = {mine / statistics.median(v):.2f}")
 
         print(f"\n## exec `true` in a running guest ({args.reps * 10} rounds, alternating)")
         run(VCTX, "create", "bb1", "-t", "bb")
@@ -114,32 +216,54 @@ def main() -> None:
             "vctx exec": [VCTX, "exec", "bb1", "--", "true"],
             "nsenter -a": ["nsenter", "-a", "-t", str(init), "true"],
         }
+        if lxc is not None:
+            lxc.start()
+            until_running(lxc.attach, time.perf_counter())
+            execs["lxc-attach"] = [*lxc.attach, "true"]
+        if shutil.which("crun"):
+            bundle = oci_bundle(home, home / "templates/bb/rootfs")
+            for rt in ("crun", "runc"):
+                if shutil.which(rt):
+                    run(rt, "run", "-d", "-b", str(bundle), f"bench-{rt}")
+                    oci.append((rt, f"bench-{rt}"))
+                    execs[f"{rt} exec"] = [rt, "exec", f"bench-{rt}", "true"]
         times: dict[str, list[float]] = {k: [] for k in execs}
         for _ in range(args.reps * 10):
             for k, cmd in execs.items():
                 times[k].append(timed(*cmd))
         for k, v in times.items():
-            print(f"  {k:<24} {med(v)}")
-        print(
-            f"  vctx exec / nsenter = {statistics.median(times['vctx exec']) / statistics.median(times['nsenter -a']):.1f}"
-        )
+            print(f"  {k:<34} {med(v)}")
+        mine = statistics.median(times["vctx exec"])
+        for k, v in times.items():
+            if k != "vctx exec":
+                print(f"  vctx exec / {k} = {mine / statistics.median(v):.2f}")
         run(VCTX, "stop", "bb1")
+        if lxc is not None:
+            lxc.stop()
 
-        print(f"\n## host-side memory of {args.idle} idle busybox guests")
+        print(f"\n## host-side memory of {args.idle} idle busybox guests (vctxd + forker, PSS)")
         names = [f"idle{i}" for i in range(args.idle)]
         for n in names:
             run(VCTX, "create", n, "-t", "bb")
+        run(VCTX, "boot", names[0])
+        d = daemon()
+        assert d is not None
+        one = host_side(d)
+        for n in names[1:]:
             run(VCTX, "boot", n)
-        pss = 0
-        for n in names:
-            mon = json.loads(run(VCTX, "status", n, "--json").stdout)["monitor_pid"]
-            for line in Path(f"/proc/{mon}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-        print(f"  monitor PSS per guest: {pss / len(names) / 2**20:.1f} MiB (target < 2 MiB)")
+        d = daemon()
+        assert d is not None
+        total = host_side(d)
+        print(f"  with 1 guest: {one / 2**20:.1f} MiB; with {len(names)}: {total / 2**20:.1f} MiB")
+        print(f"  per guest: {total / len(names) / 2**20:.2f} MiB (target < 2 MiB)")
+        print(f"  each guest past the first adds {(total - one) / (len(names) - 1) / 2**20:.2f} MiB")
         for n in names:
             run(VCTX, "stop", n)
     finally:
+        for rt, cid in oci:
+            subprocess.run([rt, "delete", "-f", cid], capture_output=True)
+        if lxc is not None:
+            lxc.stop()
         for g in (home / "guests").glob("*"):
             subprocess.run([VCTX, "stop", g.name], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)

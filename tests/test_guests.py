@@ -196,7 +196,17 @@ def test_sigterm_to_the_daemon_shuts_its_guests_down(bb_home: Path, guest: str) 
 def _exec_popen(home: Path, guest: str, script: str) -> subprocess.Popen[str]:
     """A `vctx exec` running script in the guest, once it printed "ready"."""
     p = subprocess.Popen(
-        [sys.executable, "-m", "vctx", "exec", guest, "--", "sh", "-c", f"{script}; echo ready; while :; do sleep 1; done"],
+        [
+            sys.executable,
+            "-m",
+            "vctx",
+            "exec",
+            guest,
+            "--",
+            "sh",
+            "-c",
+            f"{script}; echo ready; while :; do sleep 1; done",
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "VCTX_HOME": str(home)},
