@@ -272,7 +272,7 @@ def boot_cmd(ctx: click.Context, name: str, wait: bool, timeout: float) -> None:
     r = runtime.boot(_home(ctx), name)
     click.echo(f"booted {name}: init pid {r.init}, monitor pid {r.monitor}")
     if wait and r.style == "systemd":
-        state = runtime.wait_systemd(name, timeout)
+        state = runtime.wait_systemd(_home(ctx), name, timeout)
         click.echo(f"{name}: {state}")
         if state not in ("running", "degraded"):
             sys.exit(1)

@@ -171,6 +171,8 @@ class Monitor:
         self.console_log = self.g.path / "console.log"
         self.failure: BaseException | None = None
         self.log = guest_log(home, name)
+        self.t0 = time.monotonic()
+        self.t_prepared = 0.0
         self.net = netctx.plan(cfg)
         self.spec = Spec(
             root=str(self.mnt),
@@ -218,6 +220,7 @@ class Monitor:
                 netctx.up_isolated(self.net, self.cg.v2)
             opts = MountOptions(idmap=IdMap(cfg.id_base, cfg.id_base, cfg.id_size), suid=True)
             self.served = Served(str(self.g.rootfs), str(self.mnt), opts, lru=self.lru)
+            self.t_prepared = time.monotonic()
         except BaseException:
             signal.pidfd_send_signal(self.launcher_fd, signal.SIGKILL)
             for fd in (self.to_c, self.from_c, self.err_r, self.master, self.launcher_fd):
@@ -335,7 +338,13 @@ class Monitor:
             await self._wait_empty()
             return
         self.started = True
-        self.log.info("%s: booted, init pid %d", self.name, self.init_pid)
+        self.log.info(
+            "%s: booted, init pid %d, in %.0f ms (cgroups, network and mount %.0f ms)",
+            self.name,
+            self.init_pid,
+            (time.monotonic() - self.t0) * 1000,
+            (self.t_prepared - self.t0) * 1000,
+        )
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._drain_console)

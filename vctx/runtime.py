@@ -173,24 +173,39 @@ def read_stat(pid: int) -> tuple[int, int]:
     return int(fields[20]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def wait_systemd(name: str, timeout: float) -> str:
+def wait_systemd(home: Home, name: str, timeout: float) -> str:
     """systemd's own verdict once boot is over: running, degraded, ...
 
-    `systemctl is-system-running --wait` needs systemd's bus, which appears a
-    moment after init starts: until then it fails at once, and is asked again.
+    `systemctl is-system-running --wait` talks to systemd over its private
+    socket, which appears a moment after init starts: wait for it (a stat
+    through /proc/INIT/root), then ask once, through vctxd's forker.
     """
+    from .fast import run_via_forker
+
     deadline = time.monotonic() + timeout
-    cmd = [sys.executable, "-m", "vctx", "exec", name, "--", "systemctl", "is-system-running", "--wait"]
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(left, 0.1))
-        except subprocess.TimeoutExpired:
-            return "timed out"
-        if res.stdout.strip():
-            return res.stdout.strip()
-        if running(name) is None:
-            return "stopped"
+    r = running(name)
+    while r is not None and not os.path.exists(f"/proc/{r.init}/root/run/systemd/private"):
         if time.monotonic() > deadline:
             return "timed out"
-        time.sleep(0.05)  # the bus is not there yet
+        time.sleep(0.005)
+        r = running(name)
+    if r is None:
+        return "stopped"
+    rd, wr = os.pipe2(os.O_CLOEXEC)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    argv = ["systemctl", "is-system-running", "--wait"]
+    try:
+        code = run_via_forker(str(home.root), name, argv, "root", {}, None, [null, wr, null], relay_signals=False)
+        if code is None:  # no forker: the slow path
+            cmd = [sys.executable, "-m", "vctx", "exec", name, "--", *argv]
+            env = {**os.environ, "VCTX_HOME": str(home.root)}
+            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout).stdout.strip()
+        os.close(wr)
+        wr = -1
+        with os.fdopen(rd, "rb") as f:
+            rd = -1
+            return f.read().decode(errors="replace").strip() or "unknown"
+    finally:
+        for fd in (rd, wr, null):
+            if fd >= 0:
+                os.close(fd)
