@@ -224,10 +224,14 @@ def main() -> None:
             bundle = oci_bundle(home, home / "templates/bb/rootfs")
             for rt in ("crun", "runc"):
                 if shutil.which(rt):
-                    res = run(rt, "run", "-d", "-b", str(bundle), f"bench-{rt}", check=False)
-                    if res.returncode != 0:  # crun refuses hybrid cgroup hosts
-                        print(f"  ({rt} skipped: {res.stderr.strip().splitlines()[-1:]})")
-                        continue
+                    # the container keeps the stdio it is given: not our pipes
+                    with tempfile.TemporaryFile("w+") as err:
+                        cmd = [rt, "run", "-d", "-b", str(bundle), f"bench-{rt}"]
+                        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                        if res.returncode != 0:  # crun refuses hybrid cgroup hosts
+                            err.seek(0)
+                            print(f"  ({rt} skipped: {err.read().strip().splitlines()[-1:]})")
+                            continue
                     oci.append((rt, f"bench-{rt}"))
                     execs[f"{rt} exec"] = [rt, "exec", f"bench-{rt}", "true"]
         times: dict[str, list[float]] = {k: [] for k in execs}

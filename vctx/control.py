@@ -7,20 +7,22 @@ daemon on its way out (idle, it closes its socket first) does the same.
 from __future__ import annotations
 
 import json
+import os
 import socket
-import subprocess
 import sys
 import time
 from typing import Any
 
 from . import errors
-from .monitor import RUN
 
-SOCK = RUN / "vctxd.sock"
+# monitor.RUN, spelt out: `vctx boot` imports this module and little else
+SOCK = os.path.join(os.environ.get("VCTX_RUN", "/run/vctx"), "vctxd.sock")
 BUSY = 75  # daemon.BUSY: another vctxd holds the lock
 
 
 def _start(deadline: float) -> None:
+    import subprocess
+
     while True:
         res = subprocess.run(
             [sys.executable, "-m", "vctx.daemon"], stdin=subprocess.DEVNULL, capture_output=True, text=True
@@ -36,7 +38,7 @@ def _start(deadline: float) -> None:
         time.sleep(0.02)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(str(SOCK))
+                s.connect(SOCK)
             return
         except OSError:
             continue
@@ -49,7 +51,7 @@ def request(msg: dict[str, Any], timeout: float = 60.0, start: bool = True) -> d
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            s.connect(str(SOCK))
+            s.connect(SOCK)
         except (FileNotFoundError, ConnectionRefusedError):
             s.close()
             if not start:

@@ -203,14 +203,14 @@ class Daemon:
             del self.guests[name]
             self._changed()
 
-    async def boot(self, nursery: trio.Nursery, home: Home, name: str) -> int:
+    async def boot(self, nursery: trio.Nursery, home: Home, name: str) -> tuple[int, str]:
         if name in self.guests:
             raise errors.Running(f"guest {name!r} is already running")
         if self.stopping:
             raise errors.VctxError("vctxd is shutting down")
         await nursery.start(self.guest, home, name)
         m = self.guests.get(name)
-        return m.init_pid if m is not None else 0
+        return (m.init_pid, m.g.cfg.init) if m is not None else (0, "")
 
     async def wait_gone(self, name: str, timeout: float) -> bool:
         with trio.move_on_after(timeout):
@@ -246,8 +246,8 @@ class Daemon:
     async def dispatch(self, nursery: trio.Nursery, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "boot":
-            init = await self.boot(nursery, Home(str(req["home"])), str(req["name"]))
-            return {"ok": True, "init": init}
+            init, style = await self.boot(nursery, Home(str(req["home"])), str(req["name"]))
+            return {"ok": True, "init": init, "daemon": os.getpid(), "style": style}
         if op == "wait":
             return {"ok": True, "gone": await self.wait_gone(str(req["name"]), float(req["timeout"]))}
         if op == "ping":

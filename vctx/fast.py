@@ -1,4 +1,4 @@
-"""The `vctx` entry point, with a fast path for `vctx exec`.
+"""The `vctx` entry point, with fast paths for `vctx exec` and `vctx boot`.
 
 exec is the command scripts run in loops; importing the full command line
 (click, templates, cowfs' clone) would cost it more than the exec itself.
@@ -6,8 +6,10 @@ The common shape `vctx exec NAME [-u U] [-e K=V]... [-w D] -- CMD...` is
 parsed here and handed, with this process's stdin, stdout and stderr, to
 the forker of vctxd (zygote.py), which has everything imported already;
 this side imports nothing but builtin modules.  Signals that would end or
-steer the command are relayed to it; its exit code is ours.  Anything else
-(a tty, no daemon) goes to the full command line.
+steer the command are relayed to it; its exit code is ours.  `vctx boot
+NAME [--wait]` only asks vctxd, which checks and boots the guest.  Anything
+else (a tty, no daemon, a name that needs explaining) goes to the full
+command line.
 """
 
 from __future__ import annotations
@@ -109,6 +111,82 @@ def run_via_forker(
             raise SystemExit(int(code) if code.isdigit() else 1)
 
 
+def wait_systemd(home: str, name: str, init: int, timeout: float) -> str:
+    """systemd's own verdict once boot is over: running, degraded, ...
+
+    `systemctl is-system-running --wait` talks to systemd over its private
+    socket, which appears a moment after init starts: wait for it (a stat
+    through /proc/INIT/root), then ask once, through vctxd's forker.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(f"/proc/{init}/root/run/systemd/private"):
+        if not os.path.exists(f"/proc/{init}"):
+            return "stopped"
+        if time.monotonic() > deadline:
+            return "timed out"
+        time.sleep(0.005)
+    rd, wr = os.pipe2(os.O_CLOEXEC)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    argv = ["systemctl", "is-system-running", "--wait"]
+    try:
+        code = run_via_forker(home, name, argv, "root", {}, None, [null, wr, null], relay_signals=False)
+        os.close(wr)
+        wr = -1
+        if code is None:
+            return "unknown (vctxd's forker is not running)"
+        out = b""
+        while chunk := os.read(rd, 4096):
+            out += chunk
+        return out.decode(errors="replace").strip() or "unknown"
+    finally:
+        for fd in (rd, wr, null):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _parse_boot(args: list[str]) -> tuple[str, bool, float] | None:
+    """`boot|start NAME [--wait] [--timeout S]` of a guest that exists."""
+    if len(args) < 2 or args[0] not in ("boot", "start"):
+        return None
+    name, wait, timeout, rest = args[1], False, 120.0, args[2:]
+    while rest:
+        if rest[0] == "--wait":
+            wait, rest = True, rest[1:]
+        elif rest[0] == "--timeout" and len(rest) > 1 and rest[1].replace(".", "", 1).isdigit():
+            timeout, rest = float(rest[1]), rest[2:]
+        else:
+            return None
+    ok = name[:1].isalnum() and len(name) <= 63 and all(c in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in name)
+    if not ok or not os.path.isfile(os.path.join(_home(), "guests", name, "guest.toml")):
+        return None  # the full command line says what is wrong
+    return name, wait, timeout
+
+
+def _home() -> str:
+    return os.path.abspath(os.environ.get("VCTX_HOME") or "/var/lib/vctx")
+
+
+def _boot(name: str, wait: bool, timeout: float) -> None:
+    """The daemon checks and boots the guest: this side only asks."""
+    from . import control, errors
+
+    try:
+        reply = control.request({"op": "boot", "home": _home(), "name": name}, 60.0)
+    except errors.VctxError as e:
+        sys.stderr.write(f"vctx: {e}\n")
+        sys.exit(e.exit_code)
+    assert reply is not None
+    print(f"booted {name}: init pid {reply['init']}, monitor pid {reply['daemon']}", flush=True)
+    if wait and reply["style"] == "systemd":
+        state = wait_systemd(_home(), name, int(reply["init"]), timeout)
+        print(f"{name}: {state}", flush=True)
+        if state not in ("running", "degraded"):
+            sys.exit(1)
+    sys.exit(0)
+
+
 def _stdio() -> list[int]:
     """Our fds 0-2, a closed one replaced by /dev/null (it cannot be passed)."""
     out = []
@@ -122,6 +200,9 @@ def _stdio() -> list[int]:
 
 
 def entry() -> None:
+    booting = _parse_boot(sys.argv[1:])
+    if booting is not None:
+        _boot(*booting)
     parsed = _parse(sys.argv[1:])
     if parsed is None:
         from .cli import main
@@ -130,7 +211,7 @@ def entry() -> None:
         return
     name, cmd, opts = parsed
     if not opts["tty"]:
-        home = os.path.abspath(os.environ.get("VCTX_HOME") or "/var/lib/vctx")
+        home = _home()
         env: dict[str, str] = opts["env"]  # type: ignore[assignment]
         workdir: str | None = opts["workdir"]  # type: ignore[assignment]
         code = run_via_forker(home, name, cmd, str(opts["user"]), env, workdir, _stdio())

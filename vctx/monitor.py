@@ -86,6 +86,21 @@ def check_rlimits(limits: dict[int, tuple[int, int]]) -> None:
             raise errors.BadConfig(f"rlimits.{name}: the host's hard limit is {host_hard}, the guest cannot have more")
 
 
+def check_init(g: guests.Guest) -> None:
+    """The guest's tree has an init for its style."""
+    cfg = g.cfg
+    if cfg.init == "plain":
+        prog = cfg.command[0]
+        if not prog.startswith("/"):
+            raise errors.BadConfig(f'command[0] must be an absolute path in the guest, not "{prog}"')
+        path = prog.lstrip("/")
+    else:
+        path = "sbin/init"
+    p = g.rootfs / path
+    if not (p.is_symlink() or p.exists()):
+        raise errors.BadConfig(f"guest {g.name} has no /{path} for init style {cfg.init}")
+
+
 class BootError(Exception):
     def __init__(self, code: int, msg: str) -> None:
         super().__init__(msg)
@@ -191,6 +206,7 @@ class Monitor:
         """Everything before the launch: made synchronously (in a worker
         thread of the daemon), torn down on failure."""
         cfg = self.g.cfg
+        check_init(self.g)
         check_rlimits(self.spec.rlimits)
         cleanup(self.name, quiet=True)  # a crashed boot's leftovers must not stop this one
         self.rd.mkdir(parents=True, exist_ok=True)
@@ -307,6 +323,7 @@ class Monitor:
         except (OSError, errors.VctxError) as e:
             self.log.warning("cannot remove the network of %s: %s", self.name, e)
         state_path(self.name).unlink(missing_ok=True)
+        remove_run_dir(self.name)
 
     # --- supervision --------------------------------------------------------------
 
@@ -422,8 +439,19 @@ def cleanup(name: str, quiet: bool = False) -> None:
     cg.remove()
     netctx.down(name)
     state_path(name).unlink(missing_ok=True)
+    remove_run_dir(name)
     if cg.exists() and not quiet:
         raise errors.VctxError(f"cannot remove the cgroups of {name}")
+
+
+def remove_run_dir(name: str) -> None:
+    """/run/vctx/NAME and its mount point, once nothing is mounted there
+    (rmdir: anything else left in it stays, and so does the directory)."""
+    for d in (run_dir(name) / "root", run_dir(name)):
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 class _Inotify:

@@ -66,25 +66,10 @@ def running(name: str) -> Running | None:
     return r
 
 
-def _check_init(g: guests.Guest) -> None:
-    cfg = g.cfg
-    if cfg.init == "plain":
-        prog = cfg.command[0]
-        if not prog.startswith("/"):
-            raise errors.BadConfig(f'command[0] must be an absolute path in the guest, not "{prog}"')
-        path = prog.lstrip("/")
-    else:
-        path = "sbin/init"
-    p = g.rootfs / path
-    if not (p.is_symlink() or p.exists()):
-        raise errors.BadConfig(f"guest {g.name} has no /{path} for init style {cfg.init}")
-
-
 def boot(home: Home, name: str, timeout: float = 60.0) -> Running:
+    """vctxd boots it (and says why not: a missing guest, one running, no
+    init, limits the host cannot apply)."""
     g = guests.load(home, name)
-    if running(name) is not None:
-        raise errors.Running(f"guest {name!r} is already running")
-    _check_init(g)
     control.request({"op": "boot", "home": str(home.root), "name": name}, timeout)
     st = running(name)
     if st is None:
@@ -174,38 +159,8 @@ def read_stat(pid: int) -> tuple[int, int]:
 
 
 def wait_systemd(home: Home, name: str, timeout: float) -> str:
-    """systemd's own verdict once boot is over: running, degraded, ...
+    """systemd's own verdict once boot is over: running, degraded, ..."""
+    from .fast import wait_systemd as wait
 
-    `systemctl is-system-running --wait` talks to systemd over its private
-    socket, which appears a moment after init starts: wait for it (a stat
-    through /proc/INIT/root), then ask once, through vctxd's forker.
-    """
-    from .fast import run_via_forker
-
-    deadline = time.monotonic() + timeout
     r = running(name)
-    while r is not None and not os.path.exists(f"/proc/{r.init}/root/run/systemd/private"):
-        if time.monotonic() > deadline:
-            return "timed out"
-        time.sleep(0.005)
-        r = running(name)
-    if r is None:
-        return "stopped"
-    rd, wr = os.pipe2(os.O_CLOEXEC)
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    argv = ["systemctl", "is-system-running", "--wait"]
-    try:
-        code = run_via_forker(str(home.root), name, argv, "root", {}, None, [null, wr, null], relay_signals=False)
-        if code is None:  # no forker: the slow path
-            cmd = [sys.executable, "-m", "vctx", "exec", name, "--", *argv]
-            env = {**os.environ, "VCTX_HOME": str(home.root)}
-            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout).stdout.strip()
-        os.close(wr)
-        wr = -1
-        with os.fdopen(rd, "rb") as f:
-            rd = -1
-            return f.read().decode(errors="replace").strip() or "unknown"
-    finally:
-        for fd in (rd, wr, null):
-            if fd >= 0:
-                os.close(fd)
+    return "stopped" if r is None else wait(str(home.root), name, r.init, timeout)
