@@ -312,6 +312,8 @@ def test_rlimits_from_config(bb_home: Path, guest: str) -> None:
     # exec'd processes get the guest's limits too, not the caller's
     assert vctx(bb_home, "exec", guest, "--", "sh", "-c", "ulimit -n; ulimit -Hn").stdout.split() == ["777", "888"]
     assert "next boot" in vctx(bb_home, "set", guest, "rlimit.nofile=100").stdout
+    # init keeps its limits until then; the next exec (served by the guest's standby) has the new ones
+    assert vctx(bb_home, "exec", guest, "--", "sh", "-c", "ulimit -n").stdout.split() == ["100"]
     vctx(bb_home, "stop", guest)
 
 

@@ -19,7 +19,9 @@ import select
 import signal
 import sys
 import termios
+import tomllib
 import tty as ttymod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -108,6 +110,15 @@ class Target:
     confine: bool  # the isolated network's Landlock scope and seccomp filter
 
 
+def guest_rlimits(read: Callable[[], str]) -> dict[int, tuple[int, int]]:
+    """The rlimits of guest.toml as read() returns it; a config that changed
+    into something broken while the guest runs gives none (the caller's stay)."""
+    try:
+        return config.from_dict(tomllib.loads(read())).resource_limits()
+    except (OSError, tomllib.TOMLDecodeError, errors.VctxError):
+        return {}
+
+
 def join_guest(
     home: Home,
     name: str,
@@ -123,11 +134,23 @@ def join_guest(
     r = running(name)
     if r is None or (r.home and Path(r.home) != home.root):
         raise errors.NotRunning(f"guest {name!r} is not running")
-    try:
-        rlimits = config.load(home.guest(name) / "guest.toml").resource_limits()
-    except errors.VctxError:
-        rlimits = {}  # the config changed into something broken while it runs: keep the caller's
+    rlimits = guest_rlimits((home.guest(name) / "guest.toml").read_text)
     _join(name, r.init)
+    return target(name, argv, user, env, workdir, tty, login, rlimits, r.net == "isolated")
+
+
+def target(
+    name: str,
+    argv: list[str],
+    user: str,
+    env: dict[str, str] | None,
+    workdir: str | None,
+    tty: bool,
+    login: bool,
+    rlimits: dict[int, tuple[int, int]],
+    confine: bool,
+) -> Target:
+    """What argv becomes, looked up inside the guest (its passwd and group)."""
     uid, gid, uname, uhome, shell = _passwd(user)
     if login:
         argv = [shell, "-l"]
@@ -142,7 +165,7 @@ def join_guest(
     }
     e.update(env or {})
     wd = workdir or (uhome if login else "/")
-    return Target(name, argv, e, uid, gid, _groups(uname, gid), rlimits, wd, r.net == "isolated")
+    return Target(name, argv, e, uid, gid, _groups(uname, gid), rlimits, wd, confine)
 
 
 def become(t: Target) -> NoReturn:

@@ -14,6 +14,14 @@ and every fork that goes on running Python happens here:
   client relays, and reports the exit code.  The client is a bare Python
   (vctx/fast.py): no import it does not need.
 
+Joining is the slow part of an exec: the first move of a process into a
+cgroup waits for an RCU grace period (~7 ms here).  So the child that
+served a guest's exec stays, already joined, as that guest's *standby* and
+serves its next execs too; it leaves after STANDBY_IDLE seconds without
+one, or as soon as the guest's init is gone (a reboot or a stop: it must
+not keep the guest's cgroup populated).  A guest has at most one standby;
+concurrent execs get children of their own.
+
 Only root may connect (the socket is 0600, and the peer's uid is checked).
 """
 
@@ -32,12 +40,14 @@ import sys
 from typing import NoReturn
 
 from . import errors, seccomp
-from .enter import become, exit_code, join_guest
+from .enter import Target, become, exit_code, guest_rlimits, join_guest, target
 from .home import Home
 from .monitor import launcher
+from .runtime import running
 
 MAX_REQUEST = 1 << 20
 SO_PEERCRED = struct.Struct("iII")
+STANDBY_IDLE = float(os.environ.get("VCTX_EXEC_STANDBY", "60"))
 FORWARDED = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -48,6 +58,8 @@ FORWARDED = (
     signal.SIGWINCH,
     signal.SIGCONT,
 )
+# Every socket the forker holds: each child closes all but its own.
+_OPEN: set[socket.socket] = set()
 
 
 def _reap(*_: object) -> None:
@@ -71,16 +83,21 @@ def _recv(sock: socket.socket, nfds: int) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def _child_setup(keep: socket.socket | None) -> None:
-    """In every child: the daemon's signal handling is not theirs, and the
-    forker's sockets are closed (the child must not keep them alive)."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for s in _OPEN:
-        if s is not keep:
-            s.close()
+def _fork_child(keep: socket.socket | None) -> int:
+    """fork(); in the child, the forker's signal handling and sockets are
+    not its own (it must not keep them alive)."""
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for s in _OPEN:
+            if s is not keep:
+                s.close()
+    return pid
 
 
-_OPEN: list[socket.socket] = []
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _launch(control: socket.socket) -> bool:
@@ -94,48 +111,176 @@ def _launch(control: socket.socket) -> bool:
     spec, plan = pickle.loads(data)
     if plan.own_netns:
         import pyroute2  # type: ignore[import-untyped]  # noqa: F401 - the launcher configures its namespace with it
-    pid = os.fork()
+    pid = _fork_child(None)
     if pid == 0:
-        _child_setup(None)
         launcher(spec, plan, *fds)
-    for fd in fds:
-        os.close(fd)
+    _close(fds)
     control.send(str(pid).encode())
     return True
 
 
-def _exec(conn: socket.socket) -> NoReturn:
-    """A child serving one `vctx exec`: join, fork the command, wait, report."""
-    _child_setup(conn)
-    code = 0
+class Forker:
+    def __init__(self, control: socket.socket, listener: socket.socket) -> None:
+        self.control, self.listener = control, listener
+        self.idle: dict[str, socket.socket] = {}  # standbys waiting, by guest
+        self.busy: dict[socket.socket, str] = {}  # standbys (or children to become one) serving
+        _OPEN.update((control, listener))
+
+    def serve(self) -> None:
+        while True:
+            # standbys first: one that is free again serves the request that came with it
+            watched = [*self.busy, *self.idle.values(), self.control, self.listener]
+            try:
+                ready, _, _ = select.select(watched, [], [])
+            except InterruptedError:
+                continue
+            for s in ready:
+                if s is self.control:
+                    if not _launch(self.control):
+                        return
+                elif s is self.listener:
+                    try:
+                        conn, _ = self.listener.accept()
+                    except OSError:
+                        continue
+                    self.route(conn)
+                else:
+                    self.standby_says(s)
+
+    def standby_says(self, chan: socket.socket) -> None:
+        try:
+            msg = chan.recv(16)
+        except OSError:
+            msg = b""
+        name = self.busy.pop(chan, None)
+        if msg == b"free" and name is not None and name not in self.idle:
+            self.idle[name] = chan
+            return
+        for n, c in list(self.idle.items()):  # it left
+            if c is chan:
+                del self.idle[n]
+        _OPEN.discard(chan)
+        chan.close()
+
+    def route(self, conn: socket.socket) -> None:
+        """Read the request (the client sends it at once), then give it to
+        the guest's standby, or to a new child."""
+        fds: list[int] = []
+        try:
+            uid = SO_PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, SO_PEERCRED.size))[1]
+            if uid != 0:
+                raise errors.UsageError("only root may run commands in guests")
+            conn.settimeout(5.0)
+            data, fds = _recv(conn, 3)
+            conn.settimeout(None)
+            if len(fds) != 3:
+                raise errors.UsageError("the request did not carry stdin, stdout and stderr")
+            req = marshal.loads(data)
+            name = str(req["name"])
+        except (OSError, ValueError, EOFError, TypeError, KeyError, errors.VctxError) as e:
+            _say(conn, f"E{getattr(e, 'exit_code', 1)} {e}")
+            _close(fds)
+            conn.close()
+            return
+        chan = self.idle.pop(name, None)
+        if chan is not None:
+            try:
+                # The standby cannot read the host's files any more: its limits come with the request.
+                req["rlimits"] = guest_rlimits((Home(str(req["home"])).guest(name) / "guest.toml").read_text)
+                socket.send_fds(chan, [marshal.dumps(req)], [conn.fileno(), *fds])
+                self.busy[chan] = name
+                _close(fds)
+                conn.close()
+                return
+            except OSError:
+                _OPEN.discard(chan)
+                chan.close()
+        mine = theirs = None
+        if name not in self.busy.values():  # it will stay as the guest's standby
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            _OPEN.add(mine)
+        if _fork_child(theirs) == 0:
+            _exec_child(conn, data, fds, theirs)
+        if theirs is not None and mine is not None:
+            theirs.close()
+            self.busy[mine] = name
+        _close(fds)
+        conn.close()
+
+
+def _exec_child(conn: socket.socket, data: bytes, stdio: list[int], chan: socket.socket | None) -> NoReturn:
+    """Join the guest, serve this exec, then (with a channel) stay as the
+    guest's standby until its init is gone or STANDBY_IDLE passes."""
     try:
-        uid = SO_PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, SO_PEERCRED.size))[1]
-        if uid != 0:
-            raise errors.UsageError("only root may run commands in guests")
-        data, stdio = _recv(conn, 3)
-        if len(stdio) != 3:
-            raise errors.UsageError("the request did not carry stdin, stdout and stderr")
         req = marshal.loads(data)
-        t = join_guest(Home(req["home"]), req["name"], req["argv"], req["user"], req["env"], req["workdir"])
+        home, name = Home(req["home"]), str(req["name"])
+        r = running(name)
+        if r is None:
+            raise errors.NotRunning(f"guest {name!r} is not running")
+        init_fd = os.pidfd_open(r.init)
+        t = join_guest(home, name, req["argv"], req["user"], req["env"], req["workdir"])
+    except Exception as e:
+        _fail(conn, e)
+        os._exit(1)
+    _run(conn, stdio, t)
+    conn.close()
+    if chan is None:
+        os._exit(0)
+    confine = t.confine
+    poll = select.poll()
+    poll.register(chan.fileno(), select.POLLIN)
+    poll.register(init_fd, select.POLLIN)
+    while True:
+        try:
+            chan.send(b"free")
+        except OSError:
+            os._exit(0)
+        ready = dict(poll.poll(STANDBY_IDLE * 1000))
+        if not ready or init_fd in ready:
+            os._exit(0)  # idle, or the guest's init is gone (this context with it)
+        try:
+            msg, fds = _recv(chan, 4)
+        except OSError:
+            os._exit(0)
+        if not msg or len(fds) != 4:
+            os._exit(0)
+        conn = socket.socket(fileno=fds[0])
+        try:
+            req = marshal.loads(msg)
+            if req["name"] != name or Home(req["home"]).root != home.root:
+                raise errors.NotRunning(f"guest {req['name']!r} is not running")
+            t = target(name, req["argv"], req["user"], req["env"], req["workdir"], False, False, req["rlimits"], confine)
+        except Exception as e:
+            _fail(conn, e)
+            _close(fds[1:])
+            conn.close()
+            continue
+        _run(conn, fds[1:], t)
+        conn.close()
+
+
+def _run(conn: socket.socket, stdio: list[int], t: Target) -> None:
+    """Fork the command with the client's stdio, wait, report its exit code."""
+    try:
         pid = os.fork()
         if pid == 0:
             for i, fd in enumerate(stdio):
                 os.dup2(fd, i)
             os.closerange(3, 1 << 16)
             become(t)
-        for fd in stdio:
-            os.close(fd)
+        _close(stdio)
         conn.send(b"x%d" % _wait(conn, pid))
-    except errors.VctxError as e:
-        code = 1
-        _say(conn, f"E{e.exit_code} {e}")
-    except OSError as e:
-        code = 1
-        _say(conn, f"E1 {e.strerror or e}")
     except Exception as e:
-        code = 1
+        _fail(conn, e)
+
+
+def _fail(conn: socket.socket, e: BaseException) -> None:
+    if isinstance(e, errors.VctxError):
+        _say(conn, f"E{e.exit_code} {e}")
+    elif isinstance(e, OSError):
+        _say(conn, f"E1 {e.strerror or e}")
+    else:
         _say(conn, f"E1 {e}")
-    os._exit(code)
 
 
 def _say(conn: socket.socket, msg: str) -> None:
@@ -152,21 +297,23 @@ def _wait(conn: socket.socket, pid: int) -> int:
     poll = select.poll()
     poll.register(pidfd, select.POLLIN)
     poll.register(conn.fileno(), select.POLLIN)
-    while True:
-        for fd, _ in poll.poll():
-            if fd == pidfd:
-                _, status = os.waitpid(pid, 0)
-                os.close(pidfd)
-                return exit_code(status)
-            try:
-                msg = conn.recv(64)
-            except OSError:
-                msg = b""
-            if not msg:
-                poll.unregister(conn.fileno())
-                _signal(pid, signal.SIGHUP)
-            elif msg[:1] == b"s" and msg[1:].isdigit() and int(msg[1:]) in FORWARDED:
-                _signal(pid, int(msg[1:]))
+    try:
+        while True:
+            for fd, _ in poll.poll():
+                if fd == pidfd:
+                    _, status = os.waitpid(pid, 0)
+                    return exit_code(status)
+                try:
+                    msg = conn.recv(64)
+                except OSError:
+                    msg = b""
+                if not msg:
+                    poll.unregister(conn.fileno())
+                    _signal(pid, signal.SIGHUP)
+                elif msg[:1] == b"s" and msg[1:].isdigit() and int(msg[1:]) in FORWARDED:
+                    _signal(pid, int(msg[1:]))
+    finally:
+        os.close(pidfd)
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -174,27 +321,6 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def serve(control: socket.socket, listener: socket.socket) -> None:
-    signal.signal(signal.SIGCHLD, _reap)
-    _OPEN.extend((control, listener))
-    control.send(b"ready")
-    while True:
-        try:
-            ready, _, _ = select.select([control, listener], [], [])
-        except InterruptedError:
-            continue
-        if control in ready and not _launch(control):
-            return
-        if listener in ready:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            if os.fork() == 0:
-                _exec(conn)
-            conn.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,7 +343,9 @@ def main(argv: list[str] | None = None) -> None:
         os.umask(old)
     listener.listen(64)
     seccomp.build()  # once, here: every exec child would build it again
-    serve(control, listener)
+    signal.signal(signal.SIGCHLD, _reap)
+    control.send(b"ready")
+    Forker(control, listener).serve()
     sys.exit(0)
 
 
