@@ -249,7 +249,9 @@ def _exec_child(conn: socket.socket, data: bytes, stdio: list[int], chan: socket
             req = marshal.loads(msg)
             if req["name"] != name or Home(req["home"]).root != home.root:
                 raise errors.NotRunning(f"guest {req['name']!r} is not running")
-            t = target(name, req["argv"], req["user"], req["env"], req["workdir"], False, False, req["rlimits"], confine)
+            t = target(
+                name, req["argv"], req["user"], req["env"], req["workdir"], False, False, req["rlimits"], confine
+            )
         except Exception as e:
             _fail(conn, e)
             _close(fds[1:])
