@@ -183,8 +183,11 @@ def test_sigterm_to_the_daemon_shuts_its_guests_down(bb_home: Path, guest: str) 
         vctx(bb_home, "boot", other)
         st2 = state(other)
         assert st2 is not None and st2["monitor"] == daemon
-        os.kill(daemon, signal.SIGTERM)
-        assert wait_pid_exit(daemon, 60.0)
+        d = json.loads(vctx(bb_home, "daemon", "status", "--json").stdout)
+        assert d["pid"] == daemon and {guest, other} <= set(d["guests"])
+        assert "stopped vctxd" in vctx(bb_home, "daemon", "stop").stdout  # SIGTERM, then waits for it
+        assert wait_pid_exit(daemon, 1.0)
+        assert vctx(bb_home, "daemon", "status", check=False).returncode == 3
         nothing_left(other, [int(st2["init"])])  # type: ignore[call-overload]
     finally:
         vctx(bb_home, "delete", other, check=False)

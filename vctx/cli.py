@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -502,6 +503,45 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     table: list[tuple[str, ...]] = [("PID", "GUEST", "UID", "COMMAND")]
     table += [(str(r["pid"]), r["guest"], str(r["uid"]), r["command"][:100]) for r in rows]
     _table(table)
+
+
+@main.group(cls=_Group)
+def daemon() -> None:
+    """vctxd, the host daemon that serves every running guest."""
+
+
+@daemon.command(name="status")
+@click.option("--json", "as_json", is_flag=True)
+def daemon_status(as_json: bool) -> None:
+    """Is vctxd running, and for which guests? Exit 0 if so, 3 if not."""
+    from . import control
+
+    d = control.request({"op": "ping"}, 10.0, start=False)
+    if as_json:
+        click.echo(json.dumps(d or {"running": False}))
+    elif d is None:
+        click.echo("vctxd: not running")
+    else:
+        guests = ", ".join(d["guests"]) or "none"
+        click.echo(f"vctxd: pid {d['pid']}, forker pid {d['forker']}; guests: {guests}")
+    sys.exit(0 if d is not None else 3)
+
+
+@daemon.command(name="stop")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def daemon_stop(timeout: float) -> None:
+    """Stop every guest the way `vctx stop` does, then vctxd."""
+    from cowfs.daemon import wait_pid_exit
+
+    from . import control
+
+    d = control.request({"op": "ping"}, 10.0, start=False)
+    if d is None:
+        raise errors.NotRunning("vctxd is not running")
+    os.kill(int(d["pid"]), signal.SIGTERM)
+    if not wait_pid_exit(int(d["pid"]), timeout):
+        raise errors.VctxError(f"vctxd (pid {d['pid']}) did not exit within {timeout:.0f}s")
+    click.echo(f"stopped vctxd and {len(d['guests'])} guests")
 
 
 if __name__ == "__main__":

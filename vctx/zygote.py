@@ -119,7 +119,10 @@ def _launch(control: socket.socket) -> bool:
     return True
 
 
-class Forker:
+class Server:
+    """The forker's one loop: vctxd's launch requests, exec clients, and the
+    standbys' word that they are free again (or gone)."""
+
     def __init__(self, control: socket.socket, listener: socket.socket) -> None:
         self.control, self.listener = control, listener
         self.idle: dict[str, socket.socket] = {}  # standbys waiting, by guest
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     seccomp.build()  # once, here: every exec child would build it again
     signal.signal(signal.SIGCHLD, _reap)
     control.send(b"ready")
-    Forker(control, listener).serve()
+    Server(control, listener).serve()
     sys.exit(0)
 
 
