@@ -406,9 +406,16 @@ def test_debian_sysvinit_reaches_its_runlevel(debian_home: Path) -> None:
         # sysvinit has no readiness signal: the guest's own utmp says when rc has run
         wait = 'until [ "$(runlevel)" = "N 2" ]; do sleep 0.05; done; runlevel'
         assert vctx(debian_home, "exec", name, "--", "timeout", "60", "sh", "-c", wait).stdout.strip() == "N 2"
+        # its own reboot (rc 6, then reboot(2)) brings it back with a new init, to runlevel 2 again
+        vctx(debian_home, "exec", name, "--", "reboot")
+        assert _inotify_wait(RUN / name, lambda: (s := state(name)) is not None and s["init"] != st["init"])
+        assert vctx(debian_home, "exec", name, "--", "timeout", "60", "sh", "-c", wait).stdout.strip() == "N 2"
+        st2 = state(name)
+        assert st2 is not None
         vctx(debian_home, "stop", name)  # telinit 0, from inside
-        nothing_left(name, [int(st["init"])])  # type: ignore[call-overload]
-        assert ": halt" in (debian_home / "guests" / name / "monitor.log").read_text()
+        nothing_left(name, [int(st["init"]), int(st2["init"])])  # type: ignore[call-overload]
+        log = (debian_home / "guests" / name / "monitor.log").read_text()
+        assert ": reboot" in log and log.rindex(": halt") > log.index(": reboot")
     finally:
         if state(name) is not None:
             vctx(debian_home, "stop", name, check=False)
