@@ -39,7 +39,7 @@ from . import errors, netctx
 from . import sys as k
 from .context import Spec
 from .home import Home
-from .monitor import RUN, BootError, Monitor, close_log
+from .monitor import RUN, BootError, Monitor, children_exited, close_log
 
 SOCK = RUN / "vctxd.sock"
 EXEC_SOCK = RUN / "exec.sock"
@@ -64,13 +64,7 @@ class Reaper:
         self.on_exit: dict[int, Any] = {}
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in children_exited():
             self.status[pid] = status
             while len(self.status) > self.RECENT:
                 self.status.popitem(last=False)
@@ -220,9 +214,9 @@ class Daemon:
 
     async def stop_all(self) -> None:
         self.stopping = True
-        for name, m in list(self.guests.items()):
-            if m is not None and m.started and not m.ask_stop():
-                await trio.to_thread.run_sync(_telinit, m.home, name)
+        for m in list(self.guests.values()):
+            if m is not None and m.started:
+                await trio.to_thread.run_sync(m.ask_stop)
 
     # --- the control socket --------------------------------------------------------
 
@@ -307,17 +301,6 @@ async def _read_request(conn: trio.SocketStream) -> dict[str, Any]:
     if not isinstance(req, dict):
         raise ValueError("a request is a JSON object")
     return req
-
-
-def _telinit(home: Home, name: str) -> None:
-    """sysvinit is asked to halt from inside: the exec path, as `vctx exec`."""
-    from .fast import run_via_forker
-
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        run_via_forker(str(home.root), name, ["/sbin/telinit", "0"], "root", {}, None, [null] * 3, relay_signals=False)
-    finally:
-        os.close(null)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,13 +63,31 @@ def state_path(name: str) -> Path:
     return run_dir(name) / "state.json"
 
 
-def proc_start(pid: int) -> int | None:
-    """When pid started (clock ticks since boot); None if it is gone or a zombie."""
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (fields[0] is the state), or
+    None if pid is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def proc_start(pid: int) -> int | None:
+    """When pid started (clock ticks since boot); None if it is gone or a zombie."""
+    fields = stat_fields(pid)
+    return None if fields is None or fields[0] in ("Z", "X") else int(fields[19])
+
+
+def children_exited() -> Iterator[tuple[int, int]]:
+    """(pid, wait status) of each child that has exited, reaping it."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def init_argv(cfg_init: str, command: list[str]) -> list[str]:
@@ -373,20 +391,12 @@ class Monitor:
             await self._wait_empty()
             nursery.cancel_scope.cancel()
 
-    def ask_stop(self) -> bool:
-        """Ask init to shut down the way its style understands; False if it
-        takes a command inside (sysvinit's telinit) that the caller runs."""
-        from .runtime import halt_signal
+    def ask_stop(self) -> None:
+        """Ask init to shut down as `vctx stop` does (blocks for sysvinit's telinit)."""
+        from .runtime import ask_halt
 
         self.log.info("%s: asked to stop", self.name)
-        sig = halt_signal(self.g.cfg.init)
-        if sig is None:
-            return False
-        try:
-            os.kill(self.init_pid, sig)
-        except ProcessLookupError:
-            pass
-        return True
+        ask_halt(self.home, self.name, self.g.cfg.init, self.init_pid)
 
     async def _wait_empty(self) -> None:
         import trio

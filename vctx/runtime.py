@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from cowfs.daemon import find_mount
 
@@ -23,7 +22,7 @@ from . import guest as guests
 from . import sys as k
 from .cgroups import GuestCgroups
 from .home import Home
-from .monitor import cleanup, proc_start, run_dir, state_path
+from .monitor import cleanup, proc_start, run_dir, stat_fields, state_path
 
 
 @dataclass
@@ -82,6 +81,35 @@ def halt_signal(style: str) -> int | None:
     return {"systemd": k.rtmin(3), "busybox": int(signal.SIGUSR2), "plain": int(signal.SIGTERM)}.get(style)
 
 
+def ask_halt(home: Home, name: str, style: str, init: int, timeout: float = 30.0) -> None:
+    """Ask init to power off the way its style understands: a signal, or
+    for sysvinit `telinit 0` from inside (blocks until telinit returns)."""
+    sig = halt_signal(style)
+    if sig is not None:
+        try:
+            os.kill(init, sig)
+        except ProcessLookupError:
+            pass
+        return
+    from .fast import run_via_forker
+
+    argv = ["/sbin/telinit", "0"]
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if run_via_forker(str(home.root), name, argv, "root", {}, None, [null] * 3, relay_signals=False) is not None:
+            return
+    except SystemExit:
+        return  # it said why on stderr (the guest is gone already): nothing more to ask
+    finally:
+        os.close(null)
+    # No forker: join from a child (joining the guest is for good).
+    cmd = [sys.executable, "-m", "vctx", "exec", name, "--", *argv]
+    try:
+        subprocess.run(cmd, capture_output=True, timeout=timeout, env={**os.environ, "VCTX_HOME": str(home.root)})
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def _wait_gone(name: str, timeout: float) -> bool:
     reply = control.request({"op": "wait", "name": name, "timeout": timeout}, timeout + 10, start=False)
     return reply is None or bool(reply["gone"])
@@ -95,15 +123,7 @@ def stop(home: Home, name: str, timeout: float = 30.0) -> None:
             cleanup(name)
             return
         raise errors.NotRunning(f"guest {name!r} is not running")
-    sig = halt_signal(r.style)
-    try:
-        if sig is not None:
-            os.kill(r.init, sig)
-        else:  # sysvinit: telinit, from inside (a child: joining the guest is for good)
-            cmd = [sys.executable, "-m", "vctx", "exec", name, "--", "/sbin/telinit", "0"]
-            subprocess.run(cmd, capture_output=True, timeout=timeout, env={**os.environ, "VCTX_HOME": str(home.root)})
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
+    ask_halt(home, name, r.style, r.init, timeout)
     if not _wait_gone(name, timeout):
         # Shutdown took too long: the kill sequence on the whole context.
         GuestCgroups(name).kill()
@@ -151,9 +171,8 @@ def procs(name: str) -> list[int]:
 
 def read_stat(pid: int) -> tuple[int, int]:
     """(vsz, rss) in bytes of one process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return 0, 0
     return int(fields[20]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
 

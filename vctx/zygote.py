@@ -42,7 +42,7 @@ from typing import NoReturn
 from . import errors, seccomp
 from .enter import Target, become, exit_code, guest_rlimits, join_guest, target
 from .home import Home
-from .monitor import launcher
+from .monitor import children_exited, launcher
 from .runtime import running
 
 MAX_REQUEST = 1 << 20
@@ -63,13 +63,8 @@ _OPEN: set[socket.socket] = set()
 
 
 def _reap(*_: object) -> None:
-    while True:
-        try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for _child in children_exited():
+        pass
 
 
 def _recv(sock: socket.socket, nfds: int) -> tuple[bytes, list[int]]:
