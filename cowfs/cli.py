@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import click
 
-from . import __version__, attr, errors
-from . import du as du_mod
-from . import unify as unify_mod
+from . import __version__, errors
 from .cligroup import ErrorsToExitCodes
-from .clone import clone as do_clone
-from .daemon import MountOptions
-from .daemon import mount as do_mount
-from .daemon import unmount as do_unmount
-from .idmap import IdMap
-from .progress import human, terminal_progress
+
+# Each command imports what it uses when it runs: `cowfs clone` is timed
+# against `cp -al`, and unify's or the daemon's imports are no part of it.
 
 
 @click.group(cls=ErrorsToExitCodes, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,6 +60,10 @@ def mount(
     fd_budget: int | None,
 ) -> None:
     """Serve BACKING at MOUNTPOINT; returns when the mount is ready."""
+    from .daemon import MountOptions
+    from .daemon import mount as do_mount
+    from .idmap import IdMap
+
     if uid_offset is None and gid_offset is None:
         idmap = IdMap()
     else:
@@ -90,6 +88,8 @@ def mount(
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the daemon.")
 def umount(mountpoint: str, lazy: bool, timeout: float) -> None:
     """Unmount MOUNTPOINT and wait for its daemon to exit."""
+    from .daemon import unmount as do_unmount
+
     do_unmount(mountpoint, lazy=lazy, timeout=timeout)
 
 
@@ -97,17 +97,12 @@ def umount(mountpoint: str, lazy: bool, timeout: float) -> None:
 @click.argument("template")
 @click.argument("dest")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def clone(template: str, dest: str, as_json: bool) -> None:
+@click.option("--jobs", "-j", type=click.IntRange(0), default=0, help="Worker processes [default: one per CPU].")
+def clone(template: str, dest: str, as_json: bool, jobs: int) -> None:
     """Make DEST a guest tree of hard links to TEMPLATE's files, marked."""
-    t0 = time.monotonic()
-    st = do_clone(template, dest)
-    secs = time.monotonic() - t0
-    if as_json:
-        click.echo(json.dumps({**st.__dict__, "seconds": round(secs, 3)}))
-    else:
-        click.echo(
-            f"cloned {st.files} files, {st.dirs} directories, {st.other} others in {secs:.2f}s ({st.marked} newly marked)"
-        )
+    from .clone import clone as do_clone
+
+    click.echo(do_clone(template, dest, jobs).summary(as_json))
 
 
 @main.group(name="attr")
@@ -121,6 +116,8 @@ def attr_group() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def attr_show(paths: tuple[str, ...], recursive: bool, as_json: bool) -> None:
     """Show the mark of each PATH."""
+    from . import attr
+
     rows = list(attr.show(paths, recursive))
     if as_json:
         click.echo(json.dumps([{"path": p, "iunlink": m} for p, m in rows]))
@@ -133,6 +130,8 @@ def attr_show(paths: tuple[str, ...], recursive: bool, as_json: bool) -> None:
 def _change(paths: tuple[str, ...], recursive: bool, iunlink: bool, on: bool) -> None:
     if not iunlink:
         raise errors.UsageError("say which attribute: --iunlink")
+    from . import attr
+
     n = attr.change(paths, recursive, on)
     click.echo(f"{'set' if on else 'cleared'} iunlink on {n} inode{'s' if n != 1 else ''}")
 
@@ -168,7 +167,7 @@ def _print_stats(title: str, rows: list[tuple[str, str]]) -> None:
 @click.option("--ignore-mtime", is_flag=True, help="Link files that differ only in mtime.")
 @click.option("--exclude", "excludes", multiple=True, metavar="PATTERN", help="Also skip these paths (repeatable).")
 @click.option("--no-default-excludes", is_flag=True, help="Do not skip /etc, /var, /home, ..., keys and conffiles.")
-@click.option("--min-size", type=click.IntRange(1), default=unify_mod.MIN_SIZE, show_default=True)
+@click.option("--min-size", type=click.IntRange(1), default=None, help="Smallest file to link [default: 16 bytes].")
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0, help="Hashing threads [default: one per CPU].")
 @click.option("--dry-run", "-n", is_flag=True, help="Report what would be linked; change nothing.")
 @click.option("--revert", is_flag=True, help="Give the trees private copies of everything they share.")
@@ -179,13 +178,16 @@ def unify(
     ignore_mtime: bool,
     excludes: tuple[str, ...],
     no_default_excludes: bool,
-    min_size: int,
+    min_size: int | None,
     jobs: int,
     dry_run: bool,
     revert: bool,
     as_json: bool,
 ) -> None:
     """Replace identical files of stopped guests' TREES by marked links to one inode."""
+    from . import unify as unify_mod
+    from .progress import human, terminal_progress
+
     if revert:
         rs = unify_mod.revert(list(trees), store, dry_run=dry_run)
         if as_json:
@@ -206,7 +208,7 @@ def unify(
         ignore_mtime=ignore_mtime,
         excludes=excludes,
         default_excludes=not no_default_excludes,
-        min_size=min_size,
+        min_size=unify_mod.MIN_SIZE if min_size is None else min_size,
         dry_run=dry_run,
         jobs=jobs,
     )
@@ -238,6 +240,8 @@ def store_group() -> None:
 @click.argument("store")
 def store_gc(store: str) -> None:
     """Remove stored inodes that no tree links to any more."""
+    from . import unify as unify_mod
+
     n = unify_mod.gc(store)
     click.echo(f"removed {n} unused entr{'y' if n == 1 else 'ies'}")
 
@@ -247,6 +251,9 @@ def store_gc(store: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def du(trees: tuple[str, ...], as_json: bool) -> None:
     """Disk use of TREES: private and shared bytes, and what sharing saves."""
+    from . import du as du_mod
+    from .progress import human
+
     rep = du_mod.du(list(trees))
     if as_json:
         click.echo(json.dumps(rep.as_json()))

@@ -27,8 +27,7 @@ class ErrorsToExitCodes(click.Group):
             click.echo(f"{self.prog}: {e}", err=True)
             sys.exit(getattr(e, "exit_code", 1))
         except OSError as e:
-            where = f": {e.filename}" if e.filename else ""
-            click.echo(f"{self.prog}: {e.strerror or e}{where}", err=True)
+            click.echo(f"{self.prog}: {errors.os_error_line(e)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo(f"{self.prog}: interrupted", err=True)

@@ -43,3 +43,9 @@ class DaemonFailed(CowfsError):
 
 class BadTree(CowfsError):
     exit_code = 17
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as the one line a user sees: what failed, and on what."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}"

@@ -10,13 +10,14 @@ the object it was applied to.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
 import resource
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own symbols: libc is loaded already (find_library would run
+# ldconfig in a subprocess, milliseconds of every command's start-up).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
