@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 
 from . import mark
@@ -68,7 +67,7 @@ def make_copy(dir_fd: int, src_path_fd: int) -> int:
 
 def install(tmp_fd: int, dir_fd: int, name: bytes) -> None:
     """Atomically replace dir_fd/name by the inode behind tmp_fd."""
-    tmp_name = TEMP_PREFIX + secrets.token_hex(8).encode()
+    tmp_name = TEMP_PREFIX + os.urandom(8).hex().encode()
     link_fd(tmp_fd, dir_fd, tmp_name)
     try:
         renameat2(dir_fd, tmp_name, dir_fd, name)

@@ -19,18 +19,12 @@ nothing it does not need (start-up is part of the clone's time).
 from __future__ import annotations
 
 import errno
-import marshal
 import os
 import stat
-import sys
 import time
 
-from . import errors, mark
+from . import errors, forked, mark
 from .sys import open_beneath
-
-TYPE_CHECKING = False  # typing itself costs 9 ms of start-up
-if TYPE_CHECKING:
-    from typing import Any
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A worker's share below this many entries is not worth a fork.
@@ -245,50 +239,6 @@ def _fill_share(sroot: int, droot: int, share: list[_Unit]) -> _Counts:
     return total
 
 
-def _fork_fill(sroot: int, droot: int, share: list[_Unit]) -> tuple[int, int]:
-    """A worker process for one share: (pid, read end of its result pipe)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into the caller's code
-        code = 0
-        try:
-            os.close(r)
-            result: Any = _fill_share(sroot, droot, share)
-        except errors.CowfsError as e:
-            result, code = ("cowfs", str(e)), 1
-        except OSError as e:
-            result, code = ("os", e.errno, e.strerror, e.filename), 1
-        except BaseException as e:  # reported to the parent, which raises
-            result, code = ("bug", repr(e)), 1
-        try:
-            os.write(w, marshal.dumps(result))
-        finally:
-            os._exit(code)
-    os.close(w)
-    return pid, r
-
-
-def _collect(pid: int, r: int) -> _Counts:
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    result: tuple[Any, ...] = marshal.loads(data) if data else ("bug", "worker died")
-    if result[0] == "os":
-        raise OSError(result[1], result[2], result[3])
-    if result[0] == "cowfs":
-        raise errors.BadTree(result[1])
-    if result[0] == "bug":
-        raise RuntimeError(f"clone worker failed: {result[1]}")
-    dirs, files, marked, other = result
-    return dirs, files, marked, other
-
-
-def _threaded() -> bool:
-    # fork() in a threaded process copies locks held by other threads.
-    threading = sys.modules.get("threading")
-    return threading is not None and threading.active_count() > 1
-
-
 def clone(template: str, dest: str, jobs: int = 0) -> CloneStats:
     """Clone template to dest; jobs: worker processes (0: one per CPU)."""
     t0 = time.monotonic()
@@ -315,24 +265,14 @@ def clone(template: str, dest: str, jobs: int = 0) -> CloneStats:
         d = os.open(partial, _DIR_FLAGS)
         try:
             tree = _scan(s, "")
-            if _threaded():
+            if not forked.can_fork():
                 jobs = 1
             top, shares = _split(tree, jobs or os.cpu_count() or 1)
             for n in top[1:]:
                 os.mkdir(n.rel, 0o700, dir_fd=d)
-            workers = [_fork_fill(s, d, sh) for sh in shares[1:]]
             stats.workers = len(shares)
-            try:
-                stats.add(_fill_share(s, d, shares[0]))
-            finally:
-                failure: BaseException | None = None
-                for pid, r in workers:
-                    try:
-                        stats.add(_collect(pid, r))
-                    except BaseException as e:  # every worker is reaped first
-                        failure = failure or e
-                if failure is not None:
-                    raise failure
+            for counts in forked.fork_map(lambda sh: _fill_share(s, d, sh), shares):
+                stats.add(counts)
             # The top's metadata last, the root's very last: its 0700 keeps
             # everyone out until every entry is in.
             for n in reversed(top):

@@ -38,6 +38,9 @@ def terminal_progress(labels: dict[str, str]) -> Iterator[Progress | None]:
         TimeElapsedColumn(),
         console=Console(stderr=True),
         transient=True,
+        # No refresh thread: the tree tools fork workers, and fork() in a
+        # threaded process is what forked.can_fork() refuses.
+        auto_refresh=False,
     ) as p:
 
         def update(phase: str, done: int, total: int) -> None:
@@ -47,6 +50,6 @@ def terminal_progress(labels: dict[str, str]) -> Iterator[Progress | None]:
                 fig = f"{human(done)} / {human(total)}"
             else:
                 fig = f"{done:,} / {total:,}" if total else f"{done:,}"
-            p.update(bars[phase], completed=done, total=total or None, figure=fig)
+            p.update(bars[phase], completed=done, total=total or None, figure=fig, refresh=True)
 
         yield update

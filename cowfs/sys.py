@@ -253,3 +253,16 @@ def raise_nofile_limit() -> int:
         except (ValueError, OSError):
             continue
     return soft
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): sig when the parent thread exits."""
+    _check(
+        _libc.prctl(
+            ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        ),
+        "prctl(PR_SET_PDEATHSIG)",
+    )

@@ -32,20 +32,18 @@ import fcntl
 import fnmatch
 import os
 import re
-import secrets
 import stat
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import blake3
 
-from . import breaking, errors, mark
-from .daemon import serving
+from . import breaking, errors, forked, mark
 from .sys import O_PATH_NOFOLLOW, linkat, open_beneath, proc_fd, renameat2
-from .walk import DirCache, dir_times, open_tree, restore_times, split, walk
+from .walk import DIR_FLAGS, DirCache, dir_times, open_tree, restore_times, split, walk
 
 MIN_SIZE = 16
 # Like vhashify: what a guest's admin edits or what must stay secret.
@@ -54,7 +52,8 @@ STORE_NAME = ".cowfs-store"
 _CHUNK = 1 << 20
 _BATCH_BYTES = 8 << 20
 _MMAP_BYTES = 4 << 20
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME
+# O_NONBLOCK: a name that became a fifo since the scan must not hang us.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME | os.O_NONBLOCK | os.O_CLOEXEC
 
 # (size, mode, uid, gid, mtime_ns or None)
 PreKey = tuple[int, int, int, int, int | None]
@@ -80,9 +79,26 @@ class UnifyStats:
     seconds: float = 0.0
 
 
+class Meta(NamedTuple):
+    """What unify keeps of an inode's stat: named as in os.stat_result."""
+
+    st_ino: int
+    st_size: int
+    st_mode: int
+    st_uid: int
+    st_gid: int
+    st_mtime_ns: int
+    st_nlink: int
+    st_blocks: int
+
+
+def _meta(st: os.stat_result) -> tuple[int, int, int, int, int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_nlink, st.st_blocks)
+
+
 @dataclass
 class _Inode:
-    st: os.stat_result
+    st: Meta
     names: list[tuple[int, str]] = field(default_factory=list)  # (tree index, relative path)
     store: str | None = None  # its store name, if it is in the store
     digest: str | None = None
@@ -148,19 +164,20 @@ def xattr_key(fd: int) -> bytes:
     return b"\0".join(n.encode() + b"=" + v.hex().encode() for n, v in items)
 
 
-def hash_fd(fd: int, buf: bytearray, size: int) -> tuple[str, int]:
-    """BLAKE3 of the file's content; size is what fstat said (small files are
-    read in one call, a larger one in chunks into buf)."""
+def hash_fd(fd: int, buf: bytearray, size: int, threads: bool = True) -> tuple[str, int]:
+    """BLAKE3 of the file's content; size is what fstat said.  Read into buf
+    (no allocation per file), in one call where it fits; with threads, a big
+    file is mapped and hashed on every core."""
+    view = memoryview(buf)
     if size < len(buf):
-        data = os.read(fd, size + 1)  # +1: a file that grew shows it
-        return blake3.blake3(data).hexdigest(), len(data)
-    if size >= _MMAP_BYTES:
-        # Big files: mapped (no copy) and hashed on every core.
+        n = os.readv(fd, [buf])  # size + 1 fits: a file that grew shows it
+        return blake3.blake3(view[:n]).hexdigest(), n
+    if threads and size >= _MMAP_BYTES:
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
         h.update_mmap(proc_fd(fd))
         return h.hexdigest(), size
+    # Mapped without threads measured slower than reading (page faults).
     h = blake3.blake3()
-    view = memoryview(buf)
     total = 0
     while n := os.readv(fd, [buf]):
         h.update(view[:n])
@@ -185,16 +202,22 @@ class Store:
                 os.mkdir(self.path, 0o700)
             except FileExistsError:
                 pass
-        self.fd = open_tree(self.path)
+        # The lock has an fd of its own that forked workers close: a killed
+        # unify's store is free at once, whatever its workers are doing.
+        self.lock_fd = open_tree(self.path)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
+            os.close(self.lock_fd)
             raise errors.Busy(f"the store {self.path} is in use by another unify or gc") from None
+        forked.parent_only.add(self.lock_fd)
+        self.fd = open_tree(self.path)
         self.dev = os.fstat(self.fd).st_dev
 
     def close(self) -> None:
         os.close(self.fd)
+        forked.parent_only.discard(self.lock_fd)
+        os.close(self.lock_fd)
 
     def entries(self) -> list[tuple[str, os.stat_result]]:
         out = []
@@ -202,20 +225,6 @@ class Store:
             if stat.S_ISREG(st.st_mode) and "/" in rel:
                 out.append((rel, st))
         return out
-
-    def add(self, dir_fd: int, name: str, digest: str) -> str:
-        sub = digest[:2]
-        try:
-            os.mkdir(sub, 0o700, dir_fd=self.fd)
-        except FileExistsError:
-            pass
-        rel = f"{sub}/{digest}-{secrets.token_hex(4)}"
-        sub_fd = open_beneath(self.fd, sub, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            linkat(dir_fd, name, sub_fd, rel.rpartition("/")[2])
-        finally:
-            os.close(sub_fd)
-        return rel
 
     def gc(self) -> int:
         """Remove stored inodes no tree links to any more."""
@@ -242,6 +251,8 @@ class Store:
 def check_trees(trees: list[str], store: str | None) -> None:
     if not trees:
         raise errors.UsageError("name at least one tree")
+    from .daemon import serving  # only here: the daemon's imports are a third of unify's start-up
+
     real = []
     for t in trees:
         st = _lstat_dir(t)
@@ -325,8 +336,30 @@ def unify(trees: list[str], opts: UnifyOptions, progress: Progress | None = None
     return stats
 
 
-def _prekey(st: os.stat_result, ignore_mtime: bool) -> PreKey:
+def hashed_paths(trees: list[str], opts: UnifyOptions) -> list[str]:
+    """The files a dry run of unify hashes, one name per inode (what
+    benchmarks/disk.py hashes alone, to compare unify with the hash)."""
+    roots = [open_tree(t) for t in trees]
+    try:
+        times: list[dict[str, tuple[int, int]]] = [{} for _ in roots]
+        todo = _to_hash(_scan(roots, None, replace(opts, dry_run=True), UnifyStats(), times, None))
+    finally:
+        for fd in roots:
+            os.close(fd)
+    return [os.path.join(trees[ino.names[0][0]], ino.names[0][1]) for ino in todo if ino.names and ino.store is None]
+
+
+def _prekey(st: Meta, ignore_mtime: bool) -> PreKey:
     return (st.st_size, st.st_mode, st.st_uid, st.st_gid, None if ignore_mtime else st.st_mtime_ns)
+
+
+# One tree's scan, as a worker sends it back (builtin types: marshalled):
+# (tree index, relative paths of candidate files, their inode numbers,
+#  directory times, files examined, paths excluded, temporaries removed)
+_TreeScan = tuple[int, list[str], list[int], dict[str, tuple[int, int]], int, int, int]
+# A worker's share: the stat of each inode it met, once, and its trees.
+_ShareScan = tuple[dict[int, tuple[int, int, int, int, int, int, int, int]], list[_TreeScan]]
+_TEMP_PREFIX = breaking.TEMP_PREFIX.decode()
 
 
 def _scan(
@@ -337,56 +370,122 @@ def _scan(
     dir_times_of: list[dict[str, tuple[int, int]]],
     progress: Progress | None,
 ) -> dict[PreKey, dict[int, _Inode]]:
+    """Every tree's candidate files grouped by pre-key, then by inode.
+
+    The trees are shared among forked workers (walking is syscalls and
+    Python between them: threads measured slower than one).  Each inode is
+    stat'ed once: clones of a template hold the same inodes, and a
+    directory entry carries its inode number for free.
+    """
     by_key: dict[PreKey, dict[int, _Inode]] = defaultdict(dict)
+    inodes: dict[int, _Inode] = {}
     if store is not None:
         for rel, st in store.entries():
-            ino = by_key[_prekey(st, opts.ignore_mtime)].setdefault(st.st_ino, _Inode(st))
-            ino.store = rel
+            ino = inodes[st.st_ino] = _Inode(Meta(*_meta(st)), store=rel)
             ino.digest = rel.rpartition("/")[2].partition("-")[0]
+            by_key[_prekey(ino.st, opts.ignore_mtime)][st.st_ino] = ino
     patterns = (DEFAULT_EXCLUDES if opts.default_excludes else ()) + opts.excludes
-
-    def scan_tree(i: int) -> tuple[list[tuple[str, os.stat_result]], UnifyStats]:
-        root, times, part = roots[i], dir_times_of[i], UnifyStats()
-        dir_times("", os.fstat(root), times)
-        excluded = Matcher(patterns, conffiles(root) if opts.default_excludes else ())
-        dirs = DirCache(root)
-        found = []
-
-        def skip(rel: str, st: os.stat_result) -> bool:
-            if excluded(rel):
-                part.excluded += 1
-                return True
-            return False
-
-        try:
-            for rel, st in walk(root, skip, files_only=True):
-                if not stat.S_ISREG(st.st_mode):
-                    dir_times(rel, st, times)
-                    continue
-                d, base = split(rel)
-                if breaking.is_temp_name(base.encode()):
-                    if not opts.dry_run:  # a crashed run's or break's leftover
-                        os.unlink(base, dir_fd=dirs.open(d))
-                        part.temps_removed += 1
-                    continue
-                part.files += 1
-                if st.st_size >= opts.min_size:
-                    found.append((rel, st))
-        finally:
-            dirs.close()
-        return found, part
-
-    # One tree after another: walking in threads measured slower (the GIL).
-    for i in range(len(roots)):
-        found, part = scan_tree(i)
-        stats.files += part.files
-        stats.excluded += part.excluded
-        stats.temps_removed += part.temps_removed
-        for rel, st in found:
-            by_key[_prekey(st, opts.ignore_mtime)].setdefault(st.st_ino, _Inode(st)).names.append((i, rel))
-        if progress:
-            progress("scan", i + 1, len(roots))
+    jobs = min(opts.jobs or os.cpu_count() or 1, len(roots)) if forked.can_fork() else 1
+    shares = [list(range(len(roots)))[k::jobs] for k in range(jobs)]
+    done = 0
+    for metas, trees in forked.fork_map(lambda share: _scan_share(roots, share, patterns, opts), shares):
+        for i, rels, inos, times, files, excluded, temps in trees:
+            dir_times_of[i].update(times)
+            stats.files += files
+            stats.excluded += excluded
+            stats.temps_removed += temps
+            for rel, n in zip(rels, inos, strict=True):
+                node = inodes.get(n)
+                if node is None:
+                    node = inodes[n] = _Inode(Meta(*metas[n]))
+                    by_key[_prekey(node.st, opts.ignore_mtime)][n] = node
+                node.names.append((i, rel))
+            done += 1
+            if progress:
+                progress("scan", done, len(roots))
     return by_key
+
+
+def _scan_share(roots: list[int], share: list[int], patterns: tuple[str, ...], opts: UnifyOptions) -> _ShareScan:
+    metas: dict[int, tuple[int, int, int, int, int, int, int, int]] = {}
+    out: list[_TreeScan] = []
+    for i in share:
+        root = roots[i]
+        sc = _TreeScanner(metas, Matcher(patterns, conffiles(root) if opts.default_excludes else ()), opts)
+        dir_times("", os.fstat(root), sc.times)
+        sc.scan_dir(root, "")
+        out.append((i, sc.rels, sc.inos, sc.times, sc.files, sc.excluded, sc.temps))
+    return metas, out
+
+
+class _TreeScanner:
+    def __init__(
+        self, metas: dict[int, tuple[int, int, int, int, int, int, int, int]], excluded: Matcher, opts: UnifyOptions
+    ) -> None:
+        self.metas = metas  # shared by the trees of one share
+        self.is_excluded = excluded
+        self.min_size = opts.min_size
+        self.dry_run = opts.dry_run
+        self.times: dict[str, tuple[int, int]] = {}
+        self.rels: list[str] = []
+        self.inos: list[int] = []
+        self.files = self.excluded = self.temps = 0
+
+    def scan_dir(self, dfd: int, rel: str) -> None:
+        subdirs: list[tuple[str, str]] = []
+        metas = self.metas
+        with os.scandir(dfd) as it:
+            for e in it:
+                name = e.name
+                r = f"{rel}/{name}" if rel else name
+                if e.is_file(follow_symlinks=False):
+                    if self.is_excluded(r):
+                        self.excluded += 1
+                    elif name.startswith(_TEMP_PREFIX):
+                        if not self.dry_run:  # a crashed run's or break's leftover
+                            os.unlink(name, dir_fd=dfd)
+                            self.temps += 1
+                    else:
+                        self.files += 1
+                        n = e.inode()  # d_ino: no syscall
+                        m = metas.get(n)
+                        if m is None:
+                            st = e.stat(follow_symlinks=False)
+                            if not stat.S_ISREG(st.st_mode):
+                                continue  # replaced while we looked
+                            n = st.st_ino
+                            m = metas[n] = _meta(st)
+                        if m[1] >= self.min_size:
+                            self.rels.append(r)
+                            self.inos.append(n)
+                elif e.is_dir(follow_symlinks=False):
+                    if self.is_excluded(r):
+                        self.excluded += 1
+                    else:
+                        subdirs.append((name, r))
+        for name, r in subdirs:
+            try:
+                sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone while we walked
+            try:
+                dir_times(r, os.fstat(sub), self.times)
+                self.scan_dir(sub, r)
+            finally:
+                os.close(sub)
+
+
+def _to_hash(by_key: dict[PreKey, dict[int, _Inode]]) -> list[_Inode]:
+    """Inodes whose pre-key some other inode shares (the store's included,
+    unhashed ones only where a tree holds one of the group), in tree and
+    path order: workers that take runs of it read directory by directory."""
+    todo: list[_Inode] = []
+    for inodes in by_key.values():
+        if len(inodes) < 2 or not any(ino.names for ino in inodes.values()):
+            continue
+        todo.extend(inodes.values())
+    todo.sort(key=lambda ino: ino.names[0] if ino.names else (-1, ino.store or ""))
+    return todo
 
 
 def _hash(
@@ -397,56 +496,35 @@ def _hash(
     stats: UnifyStats,
     progress: Progress | None,
 ) -> list[list[_Inode]]:
-    """Groups of inodes with equal keys, the one to keep first."""
-    todo: list[_Inode] = []
-    for inodes in by_key.values():
-        if len(inodes) < 2 or not any(ino.names for ino in inodes.values()):
-            continue
-        todo.extend(inodes.values())
-    total = sum(ino.st.st_size for ino in todo if ino.store is None)
+    """Groups of inodes with equal keys, the one to keep first.
 
-    def one(ino: _Inode, buf: bytearray) -> int:
-        if ino.store is not None:
-            assert store is not None
-            fd = open_beneath(store.fd, ino.store, _READ_FLAGS)
-        else:
-            tree, rel = ino.names[0]
-            fd = open_beneath(roots[tree], rel, _READ_FLAGS)
-        try:
-            st = os.fstat(fd)
-            if not _same(st, ino.st):
-                ino.digest = None
-                return 0  # changed since the scan: left alone
-            ino.xattrs = xattr_key(fd)
-            if ino.store is None:
-                ino.digest, n = hash_fd(fd, buf, st.st_size)
-                return n
-            return 0
-        finally:
-            os.close(fd)
-
-    def work(batch: list[_Inode]) -> int:
-        # Batches, not one task per file: most files are small, and a
-        # future per file would cost more than hashing it.
-        buf = bytearray(_CHUNK)
-        return sum(one(ino, buf) for ino in batch)
-
-    batches: list[list[_Inode]] = [[]]
-    size = 0
-    for ino in todo:
-        if size > _BATCH_BYTES or len(batches[-1]) >= 256:
-            batches.append([])
-            size = 0
-        batches[-1].append(ino)
-        size += ino.st.st_size
+    Hashed by forked workers, each a run of the inodes of about equal
+    bytes: per file it is a few syscalls and a hash, and in one process the
+    GIL serialises all but the hashing of large inputs.
+    """
+    todo = _to_hash(by_key)
+    jobs = (opts.jobs or os.cpu_count() or 1) if forked.can_fork() else 1
+    weights = [_PER_FILE_BYTES + (0 if ino.store is not None else ino.st.st_size) for ino in todo]
+    bounds = [0]
+    total, acc = sum(weights), 0
+    for k, w in enumerate(weights):
+        acc += w
+        if acc >= total * len(bounds) / jobs and len(bounds) < jobs:
+            bounds.append(k + 1)
+    bounds.append(len(todo))
+    shares = [(bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1) if bounds[k] < bounds[k + 1]]
+    store_fd = store.fd if store is not None else -1
     t = time.monotonic()
-    done = 0
-    with ThreadPoolExecutor(opts.jobs or os.cpu_count() or 1) as pool:
-        for n in pool.map(work, batches):
-            done += n
-            stats.hashed_bytes += n
-            if progress:
-                progress("hash", done, total)
+    for (lo, _), (results, nbytes) in zip(
+        shares,
+        forked.fork_map(lambda sh: _hash_run(roots, store_fd, todo[sh[0] : sh[1]], len(shares) == 1), shares),
+        strict=True,
+    ):
+        for ino, (digest, xattrs) in zip(todo[lo:], results, strict=False):
+            ino.digest, ino.xattrs = digest, xattrs
+        stats.hashed_bytes += nbytes
+        if progress:
+            progress("hash", stats.hashed_bytes, sum(ino.st.st_size for ino in todo if ino.store is None))
     stats.hash_seconds = time.monotonic() - t
     stats.candidates = sum(1 for ino in todo if ino.store is None)
 
@@ -462,6 +540,73 @@ def _hash(
         g.sort(key=lambda ino: (ino.store is None, -ino.st.st_nlink))
         out.append(g)
     return out
+
+
+# What opening, checking and closing a file weighs against hashing its bytes
+# (about 15 us here, what BLAKE3 takes for 45 KiB).
+_PER_FILE_BYTES = 48 << 10
+
+
+# Files opened ahead of the one being hashed, their reading started: with a
+# cold cache each small file is a disk round trip, and these overlap them.
+_AHEAD = 8
+_AHEAD_BYTES = 2 << 20  # of each file (the kernel's readahead does the rest)
+
+
+def _hash_run(
+    roots: list[int], store_fd: int, run: list[_Inode], threads: bool
+) -> tuple[list[tuple[str | None, bytes]], int]:
+    """(digest or None if it changed since the scan, xattr key) of each inode
+    in run, and the bytes read.  threads: big files may use every core (not
+    in a forked worker: blake3's thread pool does not survive a fork)."""
+    buf = bytearray(_CHUNK)
+    caches = [DirCache(fd) for fd in roots]
+    out: list[tuple[str | None, bytes]] = []
+    nbytes = 0
+
+    def open_ahead(ino: _Inode) -> int:
+        if ino.store is not None:
+            return open_beneath(store_fd, ino.store, _READ_FLAGS)  # hashed already: not read
+        tree, rel = ino.names[0]
+        d, base = split(rel)
+        try:
+            # the directory was opened beneath the root, no link followed
+            fd = os.open(base, _READ_FLAGS, dir_fd=caches[tree].open(d))
+        except (FileNotFoundError, NotADirectoryError):
+            return -1
+        os.posix_fadvise(fd, 0, min(ino.st.st_size, _AHEAD_BYTES), os.POSIX_FADV_WILLNEED)
+        return fd
+
+    ahead = deque(open_ahead(ino) for ino in run[:_AHEAD])
+    try:
+        for k, ino in enumerate(run):
+            fd = ahead.popleft()
+            if k + _AHEAD < len(run):
+                ahead.append(open_ahead(run[k + _AHEAD]))
+            if fd < 0:
+                out.append((None, b""))
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or not _same(st, ino.st):
+                    out.append((None, b""))  # changed since the scan: left alone
+                    continue
+                xattrs = xattr_key(fd)
+                if ino.store is not None:
+                    out.append((ino.digest, xattrs))
+                    continue
+                digest, n = hash_fd(fd, buf, st.st_size, threads)
+                nbytes += n
+                out.append((digest, xattrs))
+            finally:
+                os.close(fd)
+    finally:
+        for fd in ahead:
+            if fd >= 0:
+                os.close(fd)
+        for c in caches:
+            c.close()
+    return out, nbytes
 
 
 def _estimate(groups: list[list[_Inode]], stats: UnifyStats) -> None:
@@ -482,75 +627,131 @@ def _link(
     jobs: int,
     progress: Progress | None,
 ) -> list[set[str]]:
-    """Returns the directories each tree had entries replaced in."""
-    # In parallel: a rename that drops an inode's last link frees its blocks
-    # inside the call, and that filesystem work is most of this phase.
-    chunks = [groups[i : i + 64] for i in range(0, len(groups), 64)]
-    done = 0
-    used: list[set[str]] = [set() for _ in roots]
-    with ThreadPoolExecutor(jobs) as pool:
-        for (part, dirs), n in pool.map(lambda c: (_link_chunk(roots, store, c), len(c)), chunks):
-            for u, d in zip(used, dirs, strict=True):
-                u |= d
-            for k, v in part.__dict__.items():
-                if v:
-                    setattr(stats, k, getattr(stats, k) + v)
-            done += n
-            if progress:
-                progress("link", done, len(groups))
-    return used
+    """Keep one inode of each group in the store, marked, then replace every
+    other name by a link to it.  Returns the directories each tree had
+    entries replaced in.
 
-
-def _link_chunk(roots: list[int], store: Store, groups: list[list[_Inode]]) -> tuple[UnifyStats, list[set[str]]]:
-    stats = UnifyStats()
-    caches = [DirCache(fd) for fd in roots]
+    The replacing is most of the work: a rename that drops an inode's last
+    link frees it inside the call.  It is shared among forked workers in
+    tree and directory order, so each opens every directory once.
+    """
+    subs = _StoreDirs(store)
+    work: list[tuple[int, str, Meta, str, str]] = []  # tree, path, inode expected there, store dir, store name
+    owners: list[_Inode] = []  # the inode each entry of work replaces
     try:
         for g in groups:
             keep = g[0]
             if keep.store is None:
-                keep.store = _store_first(caches, store, keep)
+                keep.store = _store_first(roots, store, subs, keep)
                 if keep.store is None:
                     stats.changed += 1
                     continue
                 stats.store_added += 1
             _mark(store, keep.store)
             sub, _, sname = keep.store.partition("/")
-            sub_fd = open_beneath(store.fd, sub, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                linked_any = False
-                for ino in g[1:]:
-                    done = 0
-                    for tree, rel in sorted(ino.names):
-                        if _replace(caches[tree], rel, ino.st, sub_fd, sname):
-                            done += 1
-                        else:
-                            stats.changed += 1
-                    stats.linked += done
-                    linked_any = linked_any or done > 0
-                    if done and done == ino.st.st_nlink:
-                        stats.inodes_freed += 1
-                        stats.bytes_saved += ino.st.st_blocks * 512
-                stats.groups += linked_any
-            finally:
-                os.close(sub_fd)
+            for ino in g[1:]:
+                for tree, rel in ino.names:
+                    work.append((tree, rel, ino.st, sub, sname))
+                    owners.append(ino)
     finally:
+        subs.close()
+    order = sorted(range(len(work)), key=lambda k: (work[k][0], work[k][1]))
+    jobs = max(1, min(jobs if forked.can_fork() else 1, len(work) // 64))
+    shares = [order[k * len(order) // jobs : (k + 1) * len(order) // jobs] for k in range(jobs)]
+    failed: set[int] = set()
+    used: list[set[str]] = [set() for _ in roots]
+    done = 0
+    for share, (bad, dirs) in zip(
+        shares, forked.fork_map(lambda sh: _replace_run(roots, store, work, sh), shares), strict=True
+    ):
+        failed.update(bad)
+        for u, ds in zip(used, dirs, strict=True):
+            u.update(ds)
+        done += len(share)
+        if progress:
+            progress("link", done, len(work))
+    replaced: dict[int, int] = defaultdict(int)  # id(inode) -> names replaced
+    for k, ino in enumerate(owners):
+        if k in failed:
+            stats.changed += 1
+        else:
+            replaced[id(ino)] += 1
+    stats.linked += sum(replaced.values())
+    for g in groups:
+        if g[0].store is None:
+            continue
+        linked_any = False
+        for ino in g[1:]:
+            n = replaced.get(id(ino), 0)
+            linked_any = linked_any or n > 0
+            if n and n == ino.st.st_nlink:
+                stats.inodes_freed += 1
+                stats.bytes_saved += ino.st.st_blocks * 512
+        stats.groups += linked_any
+    return used
+
+
+class _StoreDirs:
+    """The store's two-hex-digit directories, made once and kept open."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.fds: dict[str, int] = {}
+
+    def open(self, sub: str) -> int:
+        fd = self.fds.get(sub)
+        if fd is None:
+            try:
+                os.mkdir(sub, 0o700, dir_fd=self.store.fd)
+            except FileExistsError:
+                pass
+            fd = self.fds[sub] = open_beneath(self.store.fd, sub, os.O_RDONLY | os.O_DIRECTORY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _replace_run(
+    roots: list[int], store: Store, work: list[tuple[int, str, Meta, str, str]], run: list[int]
+) -> tuple[list[int], list[list[str]]]:
+    """Replace the names of work[k] for k in run; returns the k that changed
+    meanwhile and were left alone, and the directories used in each tree."""
+    caches = [DirCache(fd) for fd in roots]
+    subs = _StoreDirs(store)
+    failed: list[int] = []
+    try:
+        for k in run:
+            tree, rel, expect, sub, sname = work[k]
+            if not _replace(caches[tree], rel, expect, subs.open(sub), sname):
+                failed.append(k)
+    finally:
+        subs.close()
         for c in caches:
             c.close()
-    return stats, [c.used for c in caches]
+    return failed, [sorted(c.used) for c in caches]
 
 
-def _same(a: os.stat_result, b: os.stat_result) -> bool:
+def _same(a: os.stat_result, b: Meta) -> bool:
     # Not the ctime: linking and replacing other names of the inode change it.
     return (a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_ino, b.st_size, b.st_mtime_ns)
 
 
-def _store_first(caches: list[DirCache], store: Store, ino: _Inode) -> str | None:
+def _store_first(roots: list[int], store: Store, subs: _StoreDirs, ino: _Inode) -> str | None:
     """Link the inode to keep into the store; None if it changed meanwhile."""
     tree, rel = ino.names[0]
     d, base = split(rel)
-    dfd = caches[tree].open(d)
     assert ino.digest is not None
-    srel = store.add(dfd, base, ino.digest)
+    sub = ino.digest[:2]
+    sname = f"{ino.digest}-{os.urandom(4).hex()}"
+    dfd = open_beneath(roots[tree], d or ".", DIR_FLAGS)
+    try:
+        linkat(dfd, base, subs.open(sub), sname)
+    finally:
+        os.close(dfd)
+    srel = f"{sub}/{sname}"
     if not _same(os.stat(srel, dir_fd=store.fd, follow_symlinks=False), ino.st):
         os.unlink(srel, dir_fd=store.fd)
         return None
@@ -566,7 +767,7 @@ def _mark(store: Store, srel: str) -> None:
         os.close(fd)
 
 
-def _replace(cache: DirCache, rel: str, expect: os.stat_result, sub_fd: int, sname: str) -> bool:
+def _replace(cache: DirCache, rel: str, expect: Meta, sub_fd: int, sname: str) -> bool:
     """Atomically make rel a link to the store's sname, if rel is still expect."""
     d, base = split(rel)
     try:
@@ -575,7 +776,7 @@ def _replace(cache: DirCache, rel: str, expect: os.stat_result, sub_fd: int, sna
             return False
     except (FileNotFoundError, NotADirectoryError):
         return False
-    tmp = breaking.TEMP_PREFIX + secrets.token_hex(8).encode()
+    tmp = breaking.TEMP_PREFIX + os.urandom(8).hex().encode()
     linkat(sub_fd, sname, dfd, tmp)
     try:
         renameat2(dfd, tmp, dfd, base.encode())
@@ -632,7 +833,7 @@ def _revert_tree(root: int, stats: RevertStats, dry_run: bool) -> None:
         dir_times(rel, st, times)
         if stat.S_ISREG(st.st_mode) and not breaking.is_temp_name(split(rel)[1].encode()):
             stats.files += 1
-            inodes.setdefault(st.st_ino, _Inode(st)).names.append((0, rel))
+            inodes.setdefault(st.st_ino, _Inode(Meta(*_meta(st)))).names.append((0, rel))
     cache = DirCache(root)
     try:
         for ino in inodes.values():
