@@ -131,10 +131,10 @@ def disk_of(paths: list[Path]) -> int:
     return du([str(p) for p in paths]).on_disk
 
 
-def bench_dedupe(template: Path, guests: list[Path], work: Path, fresh_disk: int) -> None:
+def bench_dedupe(template: Path, guests: list[Path], work: Path, fresh_disk: int, reps: int) -> None:
     base = work / "set"
     one = disk_of([guests[0]])
-    print("\n## ten guests, then drift, then deduplication")
+    print(f"\n## ten guests, then drift, then deduplication (medians of {reps} rounds, alternating)")
     print(f"  one guest alone (full copy):      {human(one)}")
     print(
         f"  ten fresh clones + template:      {human(fresh_disk)}  = {fresh_disk / one:.2f}x one guest (target <= 1.1)"
@@ -156,35 +156,42 @@ def bench_dedupe(template: Path, guests: list[Path], work: Path, fresh_disk: int
         "rdfind": lambda ts: ["rdfind", "-makehardlinks", "true", "-outputname", "/dev/null", *ts],
         "jdupes": lambda ts: ["jdupes", "-q", "-L", "-r", *ts],
     }
-    results: dict[str, tuple[float, int]] = {}
+    secs_of: dict[str, list[float]] = {name: [] for name in tools}
+    disk_after: dict[str, int] = {}
     unify_json: dict[str, object] = {}
-    for name, cmd in tools.items():
-        if shutil.which(cmd([])[0]) is None:
-            print(f"  {name}: not installed, skipped")
-            continue
-        copy = work / f"dedupe-{name.split()[0]}-{len(results)}"
-        run("cp", "-a", str(base), str(copy))  # one cp: links between template and trees are kept
-        ts = [copy / g.name for g in guests]
-        os.sync()
-        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
-        # warm the metadata the same way for everyone: one walk
-        for t in ts:
-            run("find", str(t), "-xdev", "-printf", "")
-        t0 = time.perf_counter()
-        res = subprocess.run(cmd([str(t) for t in ts]), capture_output=True, text=True, check=False)
-        secs = time.perf_counter() - t0
-        if res.returncode != 0:
-            print(f"  {name}: failed: {res.stderr.strip()[-200:]}")
-            continue
-        if name == "cowfs unify":
-            unify_json = json.loads(res.stdout)
-        # unify's store sits beside the trees
-        store = [p for p in [copy / ".cowfs-store"] if p.exists()]
-        results[name] = (secs, disk_of([copy / template.name, *ts, *store]))
-        shutil.rmtree(copy)
-    print(f"  {'tool':<36} {'seconds':>8} {'disk after':>12} {'saved':>10}")
+    for r in range(reps):  # alternating, a fresh copy of the drifted set each time
+        for name, cmd in tools.items():
+            if shutil.which(cmd([])[0]) is None:
+                if r == 0:
+                    print(f"  {name}: not installed, skipped")
+                continue
+            copy = work / f"dedupe-{r}-{list(tools).index(name)}"
+            run("cp", "-a", str(base), str(copy))  # one cp: links between template and trees are kept
+            ts = [copy / g.name for g in guests]
+            os.sync()
+            subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+            # warm the metadata the same way for everyone: one walk
+            for t in ts:
+                run("find", str(t), "-xdev", "-printf", "")
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd([str(t) for t in ts]), capture_output=True, text=True, check=False)
+            secs = time.perf_counter() - t0
+            if res.returncode != 0:
+                print(f"  {name}: failed: {res.stderr.strip()[-200:]}")
+                continue
+            if name == "cowfs unify":
+                unify_json = json.loads(res.stdout)
+            # unify's store sits beside the trees
+            store = [p for p in [copy / ".cowfs-store"] if p.exists()]
+            secs_of[name].append(secs)
+            disk_after[name] = disk_of([copy / template.name, *ts, *store])
+            shutil.rmtree(copy)
+            os.sync()  # the removal's discards done before the next copy
+    results = {k: (statistics.median(v), disk_after[k]) for k, v in secs_of.items() if v}
+    print(f"  {'tool':<36} {'seconds':>8} {'disk after':>12} {'saved':>10}  every round")
     for name, (secs, d) in results.items():
-        print(f"  {name:<36} {secs:8.2f} {human(d):>12} {human(drifted - d):>10}")
+        every = " ".join(f"{x:.2f}" for x in secs_of[name])
+        print(f"  {name:<36} {secs:8.2f} {human(d):>12} {human(drifted - d):>10}  {every}")
     peers = [results[k][0] for k in ("hardlink", "rdfind", "jdupes") if k in results]
     if "cowfs unify" in results and peers:
         print(f"  unify wall time / fastest peer = {results['cowfs unify'][0] / min(peers):.2f}  (target < 1)")
@@ -233,6 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--guests", type=int, default=10)
+    ap.add_argument("--dedupe-reps", type=int, default=3)
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("benchmarks/disk.py: run as root")
@@ -252,7 +260,7 @@ def main() -> None:
         print(
             f"\n(drift: {len(guests)} guests installed their packages through cowfs in {time.perf_counter() - t0:.1f}s)"
         )
-        bench_dedupe(template, guests, work, fresh_disk)
+        bench_dedupe(template, guests, work, fresh_disk, args.dedupe_reps)
 
 
 if __name__ == "__main__":

@@ -116,13 +116,14 @@ class Matcher:
         self.names = _compile(p for p in patterns if "/" not in p)
         self.paths = set(extra_paths)
 
-    def __call__(self, rel: str) -> bool:
+    def __call__(self, rel: str, name: str | None = None) -> bool:
+        """name: rel's last component, where the caller has it already."""
         path = "/" + rel
         if path in self.paths:
             return True
         if self.anchored is not None and self.anchored.match(path):
             return True
-        return self.names is not None and self.names.match(rel.rpartition("/")[2]) is not None
+        return self.names is not None and self.names.match(name or rel.rpartition("/")[2]) is not None
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -160,7 +161,10 @@ def conffiles(root_fd: int) -> set[str]:
 
 def xattr_key(fd: int) -> bytes:
     """Every xattr but our own, in a canonical order: part of a file's key."""
-    items = sorted((n, os.getxattr(fd, n)) for n in os.listxattr(fd) if not mark.is_internal_xattr(n))
+    names = os.listxattr(fd)
+    if names == [mark.IUNLINK] or not names:  # the common cases, without the generic path
+        return b""
+    items = sorted((n, os.getxattr(fd, n)) for n in names if not mark.is_internal_xattr(n))
     return b"\0".join(n.encode() + b"=" + v.hex().encode() for n, v in items)
 
 
@@ -387,19 +391,38 @@ def _scan(
     patterns = (DEFAULT_EXCLUDES if opts.default_excludes else ()) + opts.excludes
     jobs = min(opts.jobs or os.cpu_count() or 1, len(roots)) if forked.can_fork() else 1
     shares = [list(range(len(roots)))[k::jobs] for k in range(jobs)]
+    results = forked.fork_map(lambda share: _scan_share(roots, share, patterns, opts), shares)
+    # Names are kept only for inodes that may be linked: those whose pre-key
+    # another inode (of a tree or the store) shares.  Most names are of
+    # inodes clones share already, and building them all is a third of a scan.
+    metas: dict[int, tuple[int, int, int, int, int, int, int, int]] = {}
+    held: set[int] = set()
+    for m, trees in results:
+        metas.update(m)
+        for _, _, inos, *_ in trees:
+            held.update(inos)
+    keyed: dict[PreKey, list[int]] = defaultdict(list)
+    for n in held:
+        if n not in inodes:
+            keyed[_prekey(Meta(*metas[n]), opts.ignore_mtime)].append(n)
+    wanted: set[int] = set()
+    for key, ns in keyed.items():
+        if len(ns) > 1 or key in by_key:
+            wanted.update(ns)
+            for n in ns:
+                node = inodes[n] = _Inode(Meta(*metas[n]))
+                by_key[key][n] = node
+    wanted.update(n for n, node in inodes.items() if node.store is not None)
     done = 0
-    for metas, trees in forked.fork_map(lambda share: _scan_share(roots, share, patterns, opts), shares):
+    for _, trees in results:
         for i, rels, inos, times, files, excluded, temps in trees:
             dir_times_of[i].update(times)
             stats.files += files
             stats.excluded += excluded
             stats.temps_removed += temps
             for rel, n in zip(rels, inos, strict=True):
-                node = inodes.get(n)
-                if node is None:
-                    node = inodes[n] = _Inode(Meta(*metas[n]))
-                    by_key[_prekey(node.st, opts.ignore_mtime)][n] = node
-                node.names.append((i, rel))
+                if n in wanted:
+                    inodes[n].names.append((i, rel))
             done += 1
             if progress:
                 progress("scan", done, len(roots))
@@ -439,7 +462,7 @@ class _TreeScanner:
                 name = e.name
                 r = f"{rel}/{name}" if rel else name
                 if e.is_file(follow_symlinks=False):
-                    if self.is_excluded(r):
+                    if self.is_excluded(r, name):
                         self.excluded += 1
                     elif name.startswith(_TEMP_PREFIX):
                         if not self.dry_run:  # a crashed run's or break's leftover
@@ -459,7 +482,7 @@ class _TreeScanner:
                             self.rels.append(r)
                             self.inos.append(n)
                 elif e.is_dir(follow_symlinks=False):
-                    if self.is_excluded(r):
+                    if self.is_excluded(r, name):
                         self.excluded += 1
                     else:
                         subdirs.append((name, r))
