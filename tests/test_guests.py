@@ -196,6 +196,43 @@ def test_sigterm_to_the_daemon_shuts_its_guests_down(bb_home: Path, guest: str) 
     assert "asked to stop" in log and log.index("asked to stop") < log.rindex(": halt")  # a shutdown, not a kill
 
 
+def test_killing_the_cgroup_that_started_vctxd_spares_it(bb_home: Path, guest: str) -> None:
+    """The first boot starts vctxd; a logout kills that command's cgroup
+    (logind, systemd): the daemon, and every guest's mount, must live on."""
+    from vctx.cgroups import detect
+
+    v2 = detect().v2
+    require(v2 is not None, "needs a cgroup v2 hierarchy")
+    assert v2 is not None
+    vctx(bb_home, "daemon", "stop", check=False)  # so that this boot starts it
+    session = v2 / f"vctx-test-session-{secrets.token_hex(3)}"
+    session.mkdir()
+    try:
+        env = {**os.environ, "VCTX_HOME": str(bb_home)}
+        script = f'echo $$ > {session}/cgroup.procs && exec "$0" -m vctx boot "$1"'
+        subprocess.run(["sh", "-c", script, sys.executable, guest], env=env, check=True, capture_output=True)
+        st = state(guest)
+        assert st is not None
+        daemon = int(st["monitor"])  # type: ignore[call-overload]
+        assert Path(f"/proc/{daemon}/cgroup").read_text().count("/vctxd\n") >= 1
+        (session / "cgroup.kill").write_text("1")  # the logout
+        assert _alive(daemon)
+        assert vctx(bb_home, "exec", guest, "--", "hostname").stdout.strip() == guest
+    finally:
+        (session / "cgroup.kill").write_text("1")
+        _rmdir_when_empty(session)
+
+
+def _rmdir_when_empty(cg: Path) -> None:
+    """rmdir a killed cgroup once its last process is gone (cgroup.events)."""
+    ev = cg / "cgroup.events"
+    with open(ev) as f:
+        while "populated 1" in f.read():
+            select.select([], [], [f], 10.0)  # cgroup.events signals a change as an exceptional condition
+            f.seek(0)
+    cg.rmdir()
+
+
 def _exec_popen(home: Path, guest: str, script: str) -> subprocess.Popen[str]:
     """A `vctx exec` running script in the guest, once it printed "ready"."""
     p = subprocess.Popen(

@@ -90,6 +90,32 @@ def _read(path: Path) -> str:
         return ""
 
 
+# vctxd's own node at each hierarchy's root (a name no guest can have: guests
+# live under vctx/).
+DAEMON = "vctxd"
+
+
+def move_daemon(pid: int, layout: Layout | None = None) -> list[Path]:
+    """Put vctxd (pid) into a cgroup of its own in every hierarchy.
+
+    Started by the first `vctx boot`, it would otherwise stay in that
+    command's cgroup: a login session's scope, which logind kills at logout
+    and systemd at `systemctl stop` — and with it the cowfs mounts of every
+    guest.  Returns the nodes it is in.
+    """
+    lay = layout or detect()
+    nodes: list[Path] = []
+    roots = [*([lay.v2] if lay.v2 else []), *{r.resolve(): r for r in lay.v1.values()}.values()]
+    for root in roots:
+        node = root / DAEMON
+        node.mkdir(exist_ok=True)
+        if root.resolve() == lay.v1.get("cpuset", Path("/nonexistent")).resolve():
+            GuestCgroups._cpuset_init(node)
+        _write(node / "cgroup.procs", str(pid))
+        nodes.append(node)
+    return nodes
+
+
 class GuestCgroups:
     def __init__(self, name: str, layout: Layout | None = None) -> None:
         self.name = name

@@ -35,7 +35,7 @@ import trio
 from cowfs.model import Lru
 from cowfs.sys import raise_nofile_limit
 
-from . import errors, netctx
+from . import cgroups, errors, netctx
 from . import sys as k
 from .context import Spec
 from .home import Home
@@ -358,6 +358,10 @@ def run(ready_fd: int | None) -> None:
         return
     # Guests' inits become our children when their launchers exit.
     k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
+    try:
+        log.info("in cgroups %s", " ".join(map(str, cgroups.move_daemon(os.getpid()))))
+    except OSError as e:  # still serves; only a kill of the starter's cgroup would reach it
+        log.warning("cannot move to a cgroup of its own: %s", e)
     SOCK.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o077)
