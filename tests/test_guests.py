@@ -128,6 +128,12 @@ def test_boot_exec_stop(bb_home: Path, guest: str) -> None:
     assert {"pid": st["init"], "guest": guest} == {
         k: v for k, v in next(p for p in ps if p["pid"] == st["init"]).items() if k in ("pid", "guest")
     }
+    # the execs above left the forker's standby in the guest's cgroup: ps shows
+    # it there, list does not count it as the guest's own
+    standby = int((RUN / guest / "standby").read_text())
+    in_cgroup = [int(p) for p in (CGROUP_V2 / guest / "cgroup.procs").read_text().split()]
+    assert standby in in_cgroup and mine["proc"] == len(in_cgroup) - 1
+    assert next(p for p in ps if p["pid"] == standby)["guest"] == guest
 
     inside = [int(p) for p in (CGROUP_V2 / guest / "cgroup.procs").read_text().split()]
     vctx(bb_home, "stop", guest)

@@ -483,7 +483,7 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     from . import runtime
 
     for n in guests.names(home):
-        for pid in runtime.procs(n):
+        for pid in runtime.procs(n, helpers=True):  # where each process is: the standby too
             owner[pid] = n
     rows: list[dict[str, Any]] = []
     for d in sorted(Path("/proc").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1):

@@ -59,6 +59,18 @@ def run_dir(name: str) -> Path:
     return RUN / name
 
 
+def standby_path(name: str) -> Path:
+    """Where the forker names the guest's exec standby (zygote.py)."""
+    return run_dir(name) / "standby"
+
+
+def standby_pid(name: str) -> int | None:
+    try:
+        return int(standby_path(name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def state_path(name: str) -> Path:
     return run_dir(name) / "state.json"
 

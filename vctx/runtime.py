@@ -22,7 +22,7 @@ from . import guest as guests
 from . import sys as k
 from .cgroups import GuestCgroups
 from .home import Home
-from .monitor import cleanup, proc_start, run_dir, stat_fields, state_path
+from .monitor import cleanup, proc_start, run_dir, standby_pid, stat_fields, state_path
 
 
 @dataclass
@@ -165,8 +165,14 @@ def uptime(r: Running) -> float:
     return time.time() - r.started
 
 
-def procs(name: str) -> list[int]:
-    return GuestCgroups(name).pids()
+def procs(name: str, helpers: bool = False) -> list[int]:
+    """The guest's processes; with helpers, the forker's standby too (it sits
+    in the guest's cgroup to serve the next `vctx exec` at once)."""
+    pids = GuestCgroups(name).pids()
+    if helpers:
+        return pids
+    sb = standby_pid(name)
+    return [p for p in pids if p != sb]
 
 
 def read_stat(pid: int) -> tuple[int, int]:

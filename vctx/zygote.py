@@ -42,7 +42,7 @@ from typing import NoReturn
 from . import errors, seccomp
 from .enter import Target, become, exit_code, guest_rlimits, join_guest, target
 from .home import Home
-from .monitor import children_exited, launcher
+from .monitor import children_exited, launcher, standby_path
 from .runtime import running
 
 MAX_REQUEST = 1 << 20
@@ -122,6 +122,7 @@ class Server:
         self.control, self.listener = control, listener
         self.idle: dict[str, socket.socket] = {}  # standbys waiting, by guest
         self.busy: dict[socket.socket, str] = {}  # standbys (or children to become one) serving
+        self.pids: dict[socket.socket, tuple[str, int]] = {}  # each standby's guest and pid
         _OPEN.update((control, listener))
 
     def serve(self) -> None:
@@ -157,6 +158,9 @@ class Server:
         for n, c in list(self.idle.items()):  # it left
             if c is chan:
                 del self.idle[n]
+        left = self.pids.pop(chan, None)
+        if left is not None:
+            _standby_file(*left, present=False)
         _OPEN.discard(chan)
         chan.close()
 
@@ -197,13 +201,31 @@ class Server:
         if name not in self.busy.values():  # it will stay as the guest's standby
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             _OPEN.add(mine)
-        if _fork_child(theirs) == 0:
+        pid = _fork_child(theirs)
+        if pid == 0:
             _exec_child(conn, data, fds, theirs)
         if theirs is not None and mine is not None:
             theirs.close()
             self.busy[mine] = name
+            self.pids[mine] = (name, pid)
+            _standby_file(name, pid, present=True)
         _close(fds)
         conn.close()
+
+
+def _standby_file(name: str, pid: int, present: bool) -> None:
+    """RUN/NAME/standby names the guest's standby while it lives: it sits in
+    the guest's cgroup, and `vctx list` does not count it as the guest's."""
+    path = standby_path(name)
+    try:
+        if present:
+            tmp = path.with_name(f".standby.{pid}")
+            tmp.write_text(f"{pid}\n")
+            tmp.rename(path)
+        elif path.read_text().strip() == str(pid):
+            path.unlink()
+    except OSError:
+        pass  # the guest stopped: its run directory is gone, and this with it
 
 
 def _exec_child(conn: socket.socket, data: bytes, stdio: list[int], chan: socket.socket | None) -> NoReturn:
