@@ -441,6 +441,61 @@ def test_netns_mode(net_home: Path, pair: dict[str, str]) -> None:
     vctx(net_home, "delete", name)
 
 
+def test_netns_guest_cannot_spoof_sources(net_home: Path) -> None:
+    """A routed netns guest's packets reach the host only from its own
+    addresses: rp_filter for IPv4, the tc source guard for IPv6."""
+    v6 = netctx.ipv6_enabled()
+    name = f"ns-{secrets.token_hex(2)}"
+    net4 = f"169.254.{1 + secrets.randbelow(250)}"
+    net6 = f"fd{secrets.token_hex(1)}:{secrets.token_hex(2)}:{secrets.token_hex(2)}:"
+    mine = [f"{net4}.2", *([f"{net6}:2"] if v6 else [])]
+    spoofed = [f"{net4}.9", *([f"{net6}:9"] if v6 else [])]
+    vctx(net_home, "create", name, "-t", "bb", "--network", "netns", *(x for a in mine for x in ("--ip", a)))
+    vctx(net_home, "boot", name)
+    try:
+        host_if = json.loads(vctx(net_home, "status", name, "--json").stdout)["net"]["host_interface"]
+        init = running(name)
+        assert init is not None
+        scope = socket.if_nametoindex(host_if)
+        servers = []
+        for family, gw in ((socket.AF_INET, str(netctx.GATEWAY4.ip)), (socket.AF_INET6, str(netctx.GATEWAY6.ip))):
+            if family == socket.AF_INET6 and not v6:
+                continue
+            srv = socket.socket(family, socket.SOCK_DGRAM)
+            srv.bind((gw, 0) if family == socket.AF_INET else (gw, 0, 0, scope))
+            servers.append(srv)
+        # In the guest's network namespace: the spoofed addresses added (as
+        # guest root may), then one datagram from each address, spoofed first.
+        script = f"""
+import socket
+from pyroute2 import IPRoute
+with IPRoute() as ipr:
+    i = ipr.link_lookup(ifname="eth0")[0]
+    for a in {spoofed!r}:
+        ipr.addr("add", index=i, address=a, prefixlen=32 if "." in a else 128, flags=0x02)  # IFA_F_NODAD
+for srv, port in {[s.getsockname()[:2] for s in servers]!r}:
+    fam = socket.AF_INET if "." in srv else socket.AF_INET6
+    for src in [a for a in {spoofed + mine!r} if ("." in a) == (fam == socket.AF_INET)]:
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind((src, 0))
+        dst = (srv, port) if fam == socket.AF_INET else (srv, port, 0, socket.if_nametoindex("eth0"))
+        s.sendto(src.encode(), dst)
+"""
+        subprocess.run(["nsenter", "-t", str(init.init), "-n", sys.executable, "-c", script], check=True)
+        for srv in servers:
+            # the spoofed datagram was sent first, on the same path: had it
+            # passed, it would be here before the real one
+            data, peer = srv.recvfrom(100)
+            assert data.decode() == peer[0] and peer[0] in mine
+            srv.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                srv.recvfrom(100)
+            srv.close()
+    finally:
+        vctx(net_home, "stop", name)
+    vctx(net_home, "delete", name)
+
+
 def test_none_and_host_modes(net_home: Path) -> None:
     none, host = f"no-{secrets.token_hex(2)}", f"ho-{secrets.token_hex(2)}"
     vctx(net_home, "create", none, "-t", "bb", "--network", "none")

@@ -461,14 +461,32 @@ def up_netns_host(p: Plan, ns_pid: int) -> None:
             ipr.link("set", index=index, state="up")
             return
         # Point-to-point: the host end answers for the guest's gateway and
-        # takes back only packets from the guest's own addresses.
+        # takes back only packets from the guest's own addresses: rp_filter
+        # for IPv4, a tc program for IPv6 (which has no rp_filter).
         _sysctl(f"net/ipv4/conf/{p.host_if}/rp_filter", "1")
+        _guard_sources(ipr, index, p.v6)
         ipr.link("set", index=index, state="up")
         _add_addr(ipr, index, GATEWAY4)
         if p.v6 and ipv6_enabled():
             _add_addr(ipr, index, GATEWAY6)
         for a in p.addrs:
             ipr.route("add", dst=str(a.ip), dst_len=a.max_prefixlen, oif=index, family=2 if a.version == 4 else 10)
+
+
+def _guard_sources(ipr: Any, index: int, v6: list[ipaddress.IPv6Address]) -> None:
+    prog = netprog.source_guard6(v6).assemble()
+    try:
+        fd = bpf.load_program(bpf.PROG_SCHED_CLS, 0, prog, "vctx_src6")
+    except OSError as e:
+        raise errors.HostLacks(f"cannot load the IPv6 source guard: {e.strerror}") from None
+    try:
+        ipr.tc("add", "clsact", index)
+        # parent ffff:fff2 is clsact's ingress; direct action: the program's verdict is final
+        ipr.tc("add-filter", "bpf", index, ":1", fd=fd, name="vctx_src6", parent="ffff:fff2", direct_action=True)
+    except Exception as e:
+        raise errors.HostLacks(f"cannot attach the IPv6 source guard (clsact, cls_bpf): {_nlerr(e)}") from None
+    finally:
+        os.close(fd)  # the filter holds the program
 
 
 def up_netns_inside(p: Plan) -> None:

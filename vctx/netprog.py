@@ -422,6 +422,53 @@ def sock_create() -> Asm:
     return a
 
 
+# --- a netns guest's packets ----------------------------------------------------------
+
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+ETH_HLEN, IP6_HLEN = 14, 40
+ETH_P_IPV6 = 0xDD86  # htons(0x86DD) as a 2-byte load sees it
+SKB_DATA, SKB_DATA_END = 76, 80  # struct __sk_buff
+
+
+def source_guard6(allowed: list[ipaddress.IPv6Address]) -> Asm:
+    """A tc program for the host end of a routed netns guest's veth (its
+    ingress: what the guest sends): an IPv6 packet passes only from one of
+    the guest's addresses, a link-local one (neighbour discovery) or ::
+    (duplicate address detection).  IPv6 has no rp_filter; IPv4 has, and
+    everything else passes.  The addresses are part of the program: a netns
+    guest's change of address is a reboot."""
+    a = Asm()
+    a.load(4, R2, R1, SKB_DATA)
+    a.load(4, R3, R1, SKB_DATA_END)
+    a.mov(R4, R2)
+    a.alu("add", R4, imm=ETH_HLEN)
+    a.jif(R4, ">", "pass", src=R3, wide=True)  # not even a frame: the stack drops it
+    a.load(2, R4, R2, 12)  # the ethertype
+    a.jif(R4, "!=", "pass", imm=ETH_P_IPV6)  # ARP and IPv4 (whose sources rp_filter checks)
+    a.mov(R4, R2)
+    a.alu("add", R4, imm=ETH_HLEN + IP6_HLEN)
+    a.jif(R4, ">", "short", src=R3, wide=True)
+    words = (R6, R7, R8, R9)  # the source address, 4 words from offset 8 of the IPv6 header
+    for i, reg in enumerate(words):
+        a.load(4, reg, R2, ETH_HLEN + 8 + 4 * i)
+    a.mov(R4, R6)
+    a.alu("and", R4, imm=0xC0FF)  # fe80::/10
+    a.jif(R4, "==", "pass", imm=0x80FE)
+    for i, addr in enumerate(allowed):
+        for reg, w in zip(words, struct.unpack("<4I", addr.packed), strict=True):
+            a.jif(reg, "!=", f"not{i}", imm=w)
+        a.jmp("pass")
+        a.label(f"not{i}")
+    for reg in words:
+        a.jif(reg, "!=", "drop", imm=0)
+    a.label("pass")
+    a.ret(TC_ACT_OK)
+    a.label("short")  # IPv6 shorter than its header
+    a.label("drop")
+    a.ret(TC_ACT_SHOT)
+    return a
+
+
 @dataclass(frozen=True)
 class Program:
     name: str
