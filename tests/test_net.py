@@ -496,6 +496,52 @@ for srv, port in {[s.getsockname()[:2] for s in servers]!r}:
     vctx(net_home, "delete", name)
 
 
+def test_netns_on_a_bridge(net_home: Path) -> None:
+    """network = "netns" with bridge = BR: the host end is enslaved to the
+    bridge, the guest reaches its gateway over it; nothing is left after."""
+    br, name = f"vctxtb{secrets.token_hex(2)}", f"nbr-{secrets.token_hex(2)}"
+    net = f"169.254.{1 + secrets.randbelow(250)}"
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=br, kind="bridge")
+        bidx = ipr.link_lookup(ifname=br)[0]
+        ipr.addr("add", index=bidx, address=f"{net}.1", prefixlen=24)
+        ipr.link("set", index=bidx, state="up")
+    try:
+        vctx(net_home, "create", name, "-t", "bb", "--network", "netns", "--ip", f"{net}.2/24")
+        fails(net_home, 21, "set", name, f"bridge={br}x")  # no such bridge: refused, nothing changed
+        vctx(net_home, "set", name, f"bridge={br}", f"gateway={net}.1")
+        vctx(net_home, "boot", name)
+        try:
+            st = json.loads(vctx(net_home, "status", name, "--json").stdout)["net"]
+            with IPRoute() as ipr:
+                host_end = ipr.link("get", index=ipr.link_lookup(ifname=st["host_interface"])[0])[0]
+                assert host_end.get_attr("IFLA_MASTER") == bidx
+            assert f"default via {net}.1 dev eth0" in vctx(net_home, "exec", name, "--", "ip", "route").stdout
+            with socket.socket() as srv:
+                srv.bind((f"{net}.1", 0))
+                srv.listen()
+                port = srv.getsockname()[1]
+                nc = subprocess.Popen(
+                    [sys.executable, "-m", "vctx", "exec", name, "--", "sh", "-c", f"echo bridged | nc {net}.1 {port}"],
+                    env={**os.environ, "VCTX_HOME": str(net_home)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                conn, peer = srv.accept()
+                assert peer[0] == f"{net}.2" and conn.recv(100) == b"bridged\n"
+                conn.close()
+                assert nc.wait(timeout=30) == 0
+        finally:
+            vctx(net_home, "stop", name)
+        with IPRoute() as ipr:
+            assert not ipr.link_lookup(ifname=st["host_interface"])
+            assert ipr.link_lookup(ifname=br)  # the bridge is the admin's: it stays
+        vctx(net_home, "delete", name)
+    finally:
+        with IPRoute() as ipr:
+            ipr.link("del", ifname=br)
+
+
 def test_none_and_host_modes(net_home: Path) -> None:
     none, host = f"no-{secrets.token_hex(2)}", f"ho-{secrets.token_hex(2)}"
     vctx(net_home, "create", none, "-t", "bb", "--network", "none")

@@ -123,7 +123,7 @@ _LIMIT_KEYS = {
     "pids": int,
     "io_weight": int,
 }
-_NET_KEYS = {"network": "mode", "ip": "ip", "interface": "interface"}
+_NET_KEYS = {"network": "mode", "ip": "ip", "interface": "interface", "bridge": "bridge", "gateway": "gateway"}
 
 
 def _check_addresses(home: Home, cfg: config.GuestConfig, old: config.GuestConfig | None = None) -> None:

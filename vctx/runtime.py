@@ -148,6 +148,8 @@ def apply_live(home: Home, name: str, r: Running, assignments: list[str]) -> lis
                 later.append("addresses")
         if "network" in keys and new.net.mode != r.net:
             later.append("network mode")
+        if keys & {"bridge", "gateway"}:
+            later.append("bridge")
         cg.apply(new.limits)
 
     guests.set_keys(home, name, assignments, before_save=live)
