@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import breaking, mark
-from .idmap import ACL_XATTRS, IdMap
+from .idmap import ACL_XATTRS, CAPS_XATTR, IdMap
 from .sys import (
     O_PATH_NOFOLLOW,
     RENAME_EXCHANGE,
@@ -701,6 +701,8 @@ class CowTree:
         value = os.getxattr(proc_fd(node.fd), name)
         if name in ACL_XATTRS:
             value = self.idmap.acl(value, inbound=False)
+        elif name == CAPS_XATTR:
+            value = self.idmap.fscaps(value, inbound=False)
         return value
 
     def listxattr(self, ino: int) -> list[bytes]:
@@ -713,6 +715,8 @@ class CowTree:
             raise OSError(errno.EPERM, "attribute reserved by cowfs")
         if name in ACL_XATTRS:
             value = self.idmap.acl(value, inbound=True)
+        elif name == CAPS_XATTR:
+            value = self.idmap.fscaps(value, inbound=True)
         await self.make_private(node)
         os.setxattr(proc_fd(node.fd), name, value, flags)
 

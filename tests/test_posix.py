@@ -6,7 +6,9 @@ import ctypes
 import errno
 import mmap
 import os
+import shutil
 import stat
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -230,6 +232,69 @@ def test_id_offset_shifts_and_refuses_out_of_range(mount_guest: Callable[..., Gu
         "user:33:r--"
         in subprocess.run(["getfacl", "-n", "-p", str(g.backing / "etc/passwd")], capture_output=True, text=True).stdout
     )
+
+
+def _in_userns(offset: int, uid: int, argv: list[str]) -> tuple[int, str]:
+    """Run argv as uid in a new user namespace whose ids 0..65535 are host
+    ids offset..: a guest's user, as far as the mount can tell."""
+    go_r, go_w = os.pipe()
+    ns_r, ns_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(out_w, 1)
+            if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+                os._exit(90)
+            os.write(ns_w, b"n")
+            os.read(go_r, 1)  # the parent wrote the maps
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(91)
+    for fd in (go_r, ns_w, out_w):
+        os.close(fd)
+    assert os.read(ns_r, 1) == b"n"
+    for f in ("uid_map", "gid_map"):
+        Path(f"/proc/{pid}/{f}").write_text(f"0 {offset} 65536\n")
+    os.write(go_w, b"g")
+    out = b""
+    while chunk := os.read(out_r, 65536):
+        out += chunk
+    for fd in (go_w, ns_r, out_r):
+        os.close(fd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), out.decode()
+
+
+def test_file_capabilities_belong_to_the_guests_root(
+    mount_guest: Callable[..., Guest], template: Path, tmp_path: Path
+) -> None:
+    """A template's v2 file capability (ping's cap_net_raw) works for a
+    guest's user; a guest root's setcap is stored as the template's are."""
+    off = 300000
+    backing = tmp_path / "caps-tree"
+    cowfs("clone", str(template), str(backing))
+    capcat = backing / "bin/capcat"
+    shutil.copy("/usr/bin/cat", capcat)
+    capcat.chmod(0o755)
+    v2_net_raw = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # permitted + effective
+    os.setxattr(capcat, "security.capability", v2_net_raw)
+    g = mount_guest("caps", "--uid-offset", str(off), "--suid", clone=False)
+    # to the host, the kernel shows it as a capability of the guest's root
+    seen = os.getxattr(g.mnt / "bin/capcat", "security.capability")
+    assert len(seen) == 24 and struct.unpack_from("<I", seen, 20)[0] == off
+    # a guest's user runs it with the capability, in the guest's namespace
+    code, out = _in_userns(off, 1000, [str(g.mnt / "bin/capcat"), "/proc/self/status"])
+    assert code == 0 and "CapEff:\t0000000000002000" in out, out
+    # the guest's root sets one: stored as v2, like the template's
+    v2_chown = struct.pack("<5I", 0x02000001, 1 << 0, 0, 0, 0)
+    script = f"import os; os.setxattr({str(g.mnt / 'bin/true')!r}, 'security.capability', {v2_chown!r})"
+    code, _ = _in_userns(off, 0, ["/usr/bin/python3", "-c", script])
+    assert code == 0
+    assert os.getxattr(g.backing / "bin/true", "security.capability") == v2_chown
+    assert "security.capability" not in os.listxattr(template / "bin/true")  # the template kept its own
 
 
 def test_attr_commands(template: Path) -> None:
