@@ -30,7 +30,35 @@ from .sys import raise_nofile_limit, umount
 if TYPE_CHECKING:
     from .model import Lru
 
-STATE_DIR = Path(os.environ.get("COWFS_STATE_DIR", "/run/cowfs"))
+
+def _state_dir() -> Path:
+    """Where daemons record themselves: /run/cowfs for root; for a user who
+    mounts through fusermount3, a directory of their own (their runtime
+    directory, else /tmp/cowfs-UID), which no one else can fill in."""
+    if "COWFS_STATE_DIR" in os.environ:
+        return Path(os.environ["COWFS_STATE_DIR"])
+    uid = os.geteuid()
+    if uid == 0:
+        return Path("/run/cowfs")
+    run = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{uid}"
+    if os.path.isdir(run) and os.access(run, os.W_OK | os.X_OK):
+        return Path(run) / "cowfs"
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"cowfs-{uid}"
+
+
+STATE_DIR = _state_dir()
+
+
+def _make_state_dir() -> None:
+    try:
+        STATE_DIR.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = os.lstat(STATE_DIR)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise errors.DaemonFailed(f"{STATE_DIR} is not a directory of its user's own: remove it")
+
+
 log = logging.getLogger("cowfs")
 
 
@@ -224,7 +252,7 @@ class Served:
             _raise_readahead(entry.dev)
         self.state = _state_file(entry.dev) if entry else None
         if self.state is not None:
-            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            _make_state_dir()
             tmp = self.state.with_suffix(".tmp")
             tmp.write_text(json.dumps({"pid": os.getpid(), "backing": backing, "mountpoint": mountpoint}))
             tmp.rename(self.state)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import COWFS, Guest, cowfs
+from conftest import COWFS, Guest, cowfs, require
 
 
 def fails(code: int, *args: str, says: str) -> None:
@@ -48,6 +50,39 @@ def test_no_dev_fuse(tmp_path: Path, template: Path) -> None:
     res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True)
     assert res.returncode == 12, res.stderr
     assert "/dev/fuse is missing" in res.stderr
+
+
+def test_a_user_mounts_through_fusermount3(tmp_path: Path, template: Path) -> None:
+    """Not root: the mount goes through fusermount3, the daemon runs as the
+    user and records itself in a directory of the user's own."""
+    require(shutil.which("fusermount3") is not None, "needs fusermount3 (Debian's fuse3)")
+    work = tmp_path / "user"
+    (work / "dev").mkdir(parents=True)
+    work.chmod(0o777)
+    # The user runs this checkout's interpreter and package: its directories
+    # must be reachable (a CI checkout may sit in a 0700 temporary directory).
+    opened = [p for p in Path(__file__).resolve().parents if not p.stat().st_mode & 0o001]
+    for p in opened:
+        p.chmod(p.stat().st_mode | 0o001)
+    # /dev/fuse is 0666 where udev makes it; where it is not (this host), a
+    # private mount namespace gets a node that is.
+    as_user = f"cd {work} && mkdir -p b/etc m && echo hi > b/etc/x && {' '.join(COWFS)} mount b m && cat m/etc/x && echo new > m/etc/y && ls -ln b/etc && ls -ld $STATE && {' '.join(COWFS)} umount m && ! grep -q ' {work}/m ' /proc/self/mountinfo && echo ALL-OK"
+    script = (
+        f"mount -t tmpfs none {work}/dev && mknod -m 0666 {work}/dev/fuse c 10 229 && "
+        f"mount --bind {work}/dev/fuse /dev/fuse && "
+        f"exec setpriv --reuid=65534 --regid=65534 --clear-groups env -u XDG_RUNTIME_DIR STATE=/tmp/cowfs-65534 sh -c {shlex.quote(as_user)}"
+    )
+    try:
+        res = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True, text=True
+        )
+    finally:
+        for p in opened:
+            p.chmod(p.stat().st_mode & ~0o001)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ALL-OK"), (res.stdout, res.stderr)
+    assert "hi" in res.stdout.splitlines()
+    assert " 65534 65534 " in res.stdout  # files the user made through the mount are the user's
+    assert "drwx------" in res.stdout  # the state directory is the user's alone
 
 
 def test_umount_errors(guest: Guest, tmp_path: Path) -> None:
