@@ -168,7 +168,7 @@ def _print_stats(title: str, rows: list[tuple[str, str]]) -> None:
 @click.option("--exclude", "excludes", multiple=True, metavar="PATTERN", help="Also skip these paths (repeatable).")
 @click.option("--no-default-excludes", is_flag=True, help="Do not skip /etc, /var, /home, ..., keys and conffiles.")
 @click.option("--min-size", type=click.IntRange(1), default=None, help="Smallest file to link [default: 16 bytes].")
-@click.option("--jobs", "-j", type=click.IntRange(0), default=0, help="Hashing threads [default: one per CPU].")
+@click.option("--jobs", "-j", type=click.IntRange(0), default=0, help="Worker processes [default: one per CPU].")
 @click.option("--dry-run", "-n", is_flag=True, help="Report what would be linked; change nothing.")
 @click.option("--revert", is_flag=True, help="Give the trees private copies of everything they share.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

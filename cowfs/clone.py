@@ -74,7 +74,11 @@ class _Node:
         self.files: list[str] = []
         self.others: list[str] = []
         self.subdirs: list[_Node] = []
-        self.cost = 0
+        self.cost = 0  # of the whole subtree
+
+    def own_cost(self) -> int:
+        """The directory and its entries, without its subdirectories'."""
+        return 8 + len(self.files) + 6 * len(self.others)
 
 
 def _scan(src: int, rel: str) -> _Node:
@@ -89,7 +93,7 @@ def _scan(src: int, rel: str) -> _Node:
                 names.append(e.name)
             else:
                 node.others.append(e.name)
-    node.cost = 8 + len(node.files) + 6 * len(node.others)
+    node.cost = node.own_cost()
     for name in names:
         sub = os.open(name, _DIR_FLAGS, dir_fd=src)
         try:
@@ -114,58 +118,70 @@ def _copy_xattrs(src: int | str, dst: int | str, follow: bool = True) -> None:
 _Counts = tuple[int, int, int, int]  # dirs, files, marked, others
 
 
+def _plus(a: _Counts, b: _Counts) -> _Counts:
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
+
+
+def _open_pair(sroot: int, droot: int, rel: str) -> tuple[int, int]:
+    """The directory rel in the template and in the clone, opened from their
+    roots without following links (the clone's side is ours alone, a 0700
+    directory nobody else writes, but it is opened the same way)."""
+    s = open_beneath(sroot, rel or ".", _DIR_FLAGS)
+    try:
+        return s, open_beneath(droot, rel or ".", _DIR_FLAGS)
+    except BaseException:
+        os.close(s)
+        raise
+
+
 def _fill(sroot: int, droot: int, node: _Node, subtree: bool) -> _Counts:
     """Link, copy and mark the entries of node's directory.  With subtree,
     also make its subdirectories, fill them the same way, and give each
     directory its metadata (after its entries: each one made changes the
-    mtime).  The clone's side is ours alone (a 0700 directory nobody else
-    writes), but it is still opened from its root without following links.
+    mtime).
 
     Changes the working directory: Python has no getxattr relative to a
     directory fd, and a name relative to the cwd is the cheapest way to the
     inode.  The caller puts it back.
     """
     dirs = files = marked = other = 0
-    s = open_beneath(sroot, node.rel or ".", _DIR_FLAGS)
+    s, d = _open_pair(sroot, droot, node.rel)
     try:
-        d = open_beneath(droot, node.rel or ".", _DIR_FLAGS)
+        if subtree:
+            for sub in node.subdirs:
+                os.mkdir(_base(sub.rel), 0o700, dir_fd=d)
         try:
-            if subtree:
-                for sub in node.subdirs:
-                    os.mkdir(_base(sub.rel), 0o700, dir_fd=d)
-            try:
-                os.fchdir(s)
-                for name in node.files:
-                    try:
-                        os.getxattr(name, mark.IUNLINK, follow_symlinks=False)
-                    except OSError as e:
-                        if e.errno not in (errno.ENODATA, errno.ENOTSUP):
-                            raise
-                        mark.set_mark(path=name)
-                        marked += 1
-                    os.link(name, name, src_dir_fd=s, dst_dir_fd=d, follow_symlinks=False)
-                files += len(node.files)
-                for name in node.others:
-                    _copy_other(s, d, name)
-                other += len(node.others)
-            except OSError as e:
-                # A name alone says little: say which directory, from the
-                # template's root (clone() puts the template in front).
-                if isinstance(e.filename, str) and "/" not in e.filename and node.rel:
-                    e.filename = f"{node.rel}/{e.filename}"
-                raise
-            if subtree:
-                _copy_dir_meta(s, d)
-                dirs += 1
-        finally:
-            os.close(d)
+            os.fchdir(s)
+            for name in node.files:
+                try:
+                    os.getxattr(name, mark.IUNLINK, follow_symlinks=False)
+                except OSError as e:
+                    if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                        raise
+                    mark.set_mark(path=name)
+                    marked += 1
+                os.link(name, name, src_dir_fd=s, dst_dir_fd=d, follow_symlinks=False)
+            files += len(node.files)
+            for name in node.others:
+                _copy_other(s, d, name)
+            other += len(node.others)
+        except OSError as e:
+            # A name alone says little: say which directory, from the
+            # template's root (clone() puts the template in front).
+            if isinstance(e.filename, str) and "/" not in e.filename and node.rel:
+                e.filename = f"{node.rel}/{e.filename}"
+            raise
+        if subtree:
+            _copy_dir_meta(s, d)
+            dirs += 1
     finally:
         os.close(s)
+        os.close(d)
+    counts = (dirs, files, marked, other)
     if subtree:
         for sub in node.subdirs:
-            c = _fill(sroot, droot, sub, True)
-            dirs, files, marked, other = dirs + c[0], files + c[1], marked + c[2], other + c[3]
-    return dirs, files, marked, other
+            counts = _plus(counts, _fill(sroot, droot, sub, True))
+    return counts
 
 
 def _copy_dir_meta(s: int, d: int) -> None:
@@ -218,7 +234,7 @@ def _split(root: _Node, jobs: int) -> tuple[list[_Node], list[list[_Unit]]]:
 
     def cost(u: _Unit) -> int:
         n, subtree = u
-        return n.cost if subtree else 8 + len(n.files) + 6 * len(n.others)
+        return n.cost if subtree else n.own_cost()
 
     shares: list[list[_Unit]] = [[] for _ in range(jobs)]
     loads = [0] * jobs
@@ -234,8 +250,7 @@ def _fill_share(sroot: int, droot: int, share: list[_Unit]) -> _Counts:
     for node, subtree in share:
         if subtree:
             os.mkdir(node.rel, 0o700, dir_fd=droot)
-        c = _fill(sroot, droot, node, subtree)
-        total = (total[0] + c[0], total[1] + c[1], total[2] + c[2], total[3] + c[3])
+        total = _plus(total, _fill(sroot, droot, node, subtree))
     return total
 
 
@@ -276,15 +291,12 @@ def clone(template: str, dest: str, jobs: int = 0) -> CloneStats:
             # The top's metadata last, the root's very last: its 0700 keeps
             # everyone out until every entry is in.
             for n in reversed(top):
-                s2 = open_beneath(s, n.rel or ".", _DIR_FLAGS)
+                s2, d2 = _open_pair(s, d, n.rel)
                 try:
-                    d2 = open_beneath(d, n.rel or ".", _DIR_FLAGS)
-                    try:
-                        _copy_dir_meta(s2, d2)
-                    finally:
-                        os.close(d2)
+                    _copy_dir_meta(s2, d2)
                 finally:
                     os.close(s2)
+                    os.close(d2)
             stats.dirs += len(top) - 1  # the root is not counted
         finally:
             os.close(s)

@@ -50,7 +50,6 @@ MIN_SIZE = 16
 DEFAULT_EXCLUDES = ("/etc", "/var", "/home", "/tmp", "/root", "/run", "*.key", "*.pem", "ssh_host_*")
 STORE_NAME = ".cowfs-store"
 _CHUNK = 1 << 20
-_BATCH_BYTES = 8 << 20
 _MMAP_BYTES = 4 << 20
 # O_NONBLOCK: a name that became a fifo since the scan must not hang us.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME | os.O_NONBLOCK | os.O_CLOEXEC
@@ -401,17 +400,17 @@ def _scan(
         metas.update(m)
         for _, _, inos, *_ in trees:
             held.update(inos)
-    keyed: dict[PreKey, list[int]] = defaultdict(list)
+    keyed: dict[PreKey, list[Meta]] = defaultdict(list)
     for n in held:
         if n not in inodes:
-            keyed[_prekey(Meta(*metas[n]), opts.ignore_mtime)].append(n)
+            meta = Meta(*metas[n])
+            keyed[_prekey(meta, opts.ignore_mtime)].append(meta)
     wanted: set[int] = set()
-    for key, ns in keyed.items():
-        if len(ns) > 1 or key in by_key:
-            wanted.update(ns)
-            for n in ns:
-                node = inodes[n] = _Inode(Meta(*metas[n]))
-                by_key[key][n] = node
+    for key, ms in keyed.items():
+        if len(ms) > 1 or key in by_key:
+            for meta in ms:
+                wanted.add(meta.st_ino)
+                inodes[meta.st_ino] = by_key[key][meta.st_ino] = _Inode(meta)
     wanted.update(n for n, node in inodes.items() if node.store is not None)
     done = 0
     for _, trees in results:
@@ -537,6 +536,7 @@ def _hash(
     bounds.append(len(todo))
     shares = [(bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1) if bounds[k] < bounds[k + 1]]
     store_fd = store.fd if store is not None else -1
+    to_read = sum(ino.st.st_size for ino in todo if ino.store is None)
     t = time.monotonic()
     for (lo, _), (results, nbytes) in zip(
         shares,
@@ -547,7 +547,7 @@ def _hash(
             ino.digest, ino.xattrs = digest, xattrs
         stats.hashed_bytes += nbytes
         if progress:
-            progress("hash", stats.hashed_bytes, sum(ino.st.st_size for ino in todo if ino.store is None))
+            progress("hash", stats.hashed_bytes, to_read)
     stats.hash_seconds = time.monotonic() - t
     stats.candidates = sum(1 for ino in todo if ino.store is None)
 
