@@ -41,6 +41,7 @@ from typing import NoReturn
 
 from . import errors, seccomp
 from .enter import Target, become, exit_code, guest_rlimits, join_guest, target
+from .files import write_atomic
 from .home import Home
 from .monitor import children_exited, launcher, standby_path
 from .runtime import running
@@ -219,9 +220,7 @@ def _standby_file(name: str, pid: int, present: bool) -> None:
     path = standby_path(name)
     try:
         if present:
-            tmp = path.with_name(f".standby.{pid}")
-            tmp.write_text(f"{pid}\n")
-            tmp.rename(path)
+            write_atomic(path, f"{pid}\n".encode(), 0o600)
         elif path.read_text().strip() == str(pid):
             path.unlink()
     except OSError:
