@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ import pytest
 from conftest import DEBS, fails, require, vctx
 
 from cowfs.daemon import wait_pid_exit
+from vctx import seccomp
 from vctx.cgroups import GuestCgroups
 
 RUN = Path("/run/vctx")
@@ -467,6 +469,49 @@ def test_debian_sysvinit_reaches_its_runlevel(debian_home: Path) -> None:
         nothing_left(name, [int(st["init"]), int(st2["init"])])  # type: ignore[call-overload]
         log = (debian_home / "guests" / name / "monitor.log").read_text()
         assert ": reboot" in log and log.rindex(": halt") > log.index(": reboot")
+    finally:
+        if state(name) is not None:
+            vctx(debian_home, "stop", name, check=False)
+        vctx(debian_home, "delete", name, check=False)
+
+
+# perl (perl-base is in every Debian) makes the raw calls: (name, arguments)
+_PROBES = (("keyctl", "0, -3, 0"), ("io_uring_setup", "0, 0"), ("perf_event_open", "0, 0, -1, -1, 0"))
+
+
+def _probe(home: Path, name: str) -> dict[str, int]:
+    """errno of each probe run in the guest (0: the call went through)."""
+    nrs = seccomp.NUMBERS[seccomp.ABIS[os.uname().machine][0]]
+    script = "".join(f'print "{n}=", (syscall({nrs[n]}, {args}) == -1 ? $!+0 : 0), "\\n";' for n, args in _PROBES)
+    out = vctx(home, "exec", name, "--", "perl", "-e", script).stdout
+    return {k: int(v) for k, _, v in (line.partition("=") for line in out.split())}
+
+
+def test_seccomp_refuses_what_no_guest_needs(debian_home: Path) -> None:
+    """Every guest process carries the filter, whatever its network; a call
+    named in allow_syscalls comes back at the next boot, and only that one."""
+    name = f"f-{secrets.token_hex(3)}"
+    vctx(debian_home, "create", name, "-t", "deb")
+    try:
+        vctx(debian_home, "set", name, "init=plain", "command=/bin/sleep infinity", "network=none")
+        assert "not a system call vctx refuses" in fails(debian_home, 25, "set", name, "allow_syscalls=openat")
+        vctx(debian_home, "boot", name)
+        status = vctx(debian_home, "exec", name, "--", "grep", "Seccomp:", "/proc/1/status", "/proc/self/status")
+        assert status.stdout.count("\t2\n") == 2  # init and an exec'd process
+        assert _probe(debian_home, name) == {
+            "keyctl": errno.ENOSYS,
+            "io_uring_setup": errno.ENOSYS,
+            "perf_event_open": errno.EPERM,
+        }
+        out = vctx(debian_home, "set", name, "allow_syscalls=keyctl,io_uring_setup").stdout
+        assert "allow_syscalls at the next boot" in out
+        assert _probe(debian_home, name)["keyctl"] == errno.ENOSYS  # the booted filter stays until then
+        vctx(debian_home, "restart", name)
+        got = _probe(debian_home, name)
+        assert got["keyctl"] != errno.ENOSYS  # the guest's own session keyring, or a refusal from the kernel
+        assert got["io_uring_setup"] == errno.EFAULT  # it got as far as reading its (null) parameters
+        assert got["perf_event_open"] == errno.EPERM
+        vctx(debian_home, "stop", name)
     finally:
         if state(name) is not None:
             vctx(debian_home, "stop", name, check=False)

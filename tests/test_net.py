@@ -31,7 +31,7 @@ from pyroute2 import IPRoute
 from vctx import netctx
 from vctx import sys as k
 from vctx.cgroups import GuestCgroups
-from vctx.context import confine_network
+from vctx.context import confine
 from vctx.runtime import running
 
 PINS = Path("/sys/fs/bpf/vctx")
@@ -61,8 +61,7 @@ class InGuest:
                 os.setresgid(0, 0, 0)
                 os.setgroups([])
                 os.setresuid(0, 0, 0)
-                if st.net == "isolated":
-                    confine_network()
+                confine(st.net == "isolated", st.allow_syscalls)
                 send(("done", fn(send, *args)))
             except BaseException as e:
                 send(("error", f"{type(e).__name__}: {e}"))

@@ -240,7 +240,7 @@ def delete(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def set_cmd(ctx: click.Context, name: str, assignments: tuple[str, ...]) -> None:
     """Change guest NAME's config: memory=512M cpus=1.5 pids=512 hostname=...
-    ip=ADDR,ADDR interface=DEV network=MODE
+    ip=ADDR,ADDR interface=DEV network=MODE allow_syscalls=NAME,NAME
 
     Limits, and an isolated guest's addresses, take effect at once on a
     running guest; the rest at its next boot.

@@ -17,7 +17,7 @@ from typing import Any
 
 import tomli_w
 
-from . import errors
+from . import errors, seccomp
 from .files import write_atomic
 from .home import check_name
 
@@ -179,6 +179,7 @@ class GuestConfig:
     limits: Limits = field(default_factory=Limits)
     net: Net = field(default_factory=Net)
     rlimits: dict[str, str | int] = field(default_factory=dict)
+    allow_syscalls: list[str] = field(default_factory=list)  # of those seccomp.py refuses; from the next boot
     version: int = VERSION
 
     def check(self) -> None:
@@ -199,6 +200,12 @@ class GuestConfig:
             raise errors.BadConfig("rlimits: expected a table")
         for k, v in self.rlimits.items():
             parse_rlimit(k, v)
+        if not isinstance(self.allow_syscalls, list) or not all(isinstance(n, str) for n in self.allow_syscalls):
+            raise errors.BadConfig("allow_syscalls: expected a list of system call names")
+        try:
+            seccomp.check_allowed(self.allow_syscalls)
+        except ValueError as e:
+            raise errors.BadConfig(f"allow_syscalls: {e}") from None
 
     def resource_limits(self) -> dict[int, tuple[int, int]]:
         return {RLIMITS[k]: parse_rlimit(k, v) for k, v in self.rlimits.items()}
@@ -209,7 +216,9 @@ class GuestConfig:
 
         out: dict[str, Any] = {"version": self.version}
         for f in fields(self):
-            if f.name in ("version", "limits", "net", "rlimits"):
+            if f.name in ("version", "limits", "net", "rlimits") or (
+                f.name == "allow_syscalls" and not self.allow_syscalls
+            ):
                 continue
             out[f.name] = getattr(self, f.name)
         out["limits"] = clean(self.limits.__dict__)

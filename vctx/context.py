@@ -48,6 +48,7 @@ class Spec:
     env: dict[str, str] = field(default_factory=dict)
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)
     net_confined: bool = False  # isolated network: the host's stack, confined
+    allow_syscalls: tuple[str, ...] = ()  # of those seccomp.py refuses
     own_netns: bool = False  # netns and none: sysfs of its own
 
 
@@ -124,14 +125,15 @@ def _setup_dev(r: str, console: str) -> None:
         os.symlink(src, f"{dev}/{name}")
 
 
-def confine_network() -> None:
-    """What cgroup BPF cannot do for a guest in the host's network namespace:
+def confine(net: bool, allow_syscalls: tuple[str, ...] = ()) -> None:
+    """The seccomp filter every guest process carries and, for a guest in
+    the host's network namespace (net), what cgroup BPF cannot do for it:
     its abstract unix sockets are the host's too (Landlock scopes them to
     the guest's processes), and sock_diag would list every socket of the
-    host (seccomp refuses it)."""
-    if k.landlock_abi() >= 6:
+    host (the filter refuses it)."""
+    if net and k.landlock_abi() >= 6:
         k.landlock_scope(k.LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET)
-    prog = seccomp.build()
+    prog = seccomp.build(net, frozenset(allow_syscalls))
     if prog:
         k.seccomp_filter(prog)
 
@@ -163,8 +165,7 @@ def become_init(spec: Spec) -> None:
     for res, lim in spec.rlimits.items():
         resource.setrlimit(res, lim)
     k.drop_bounding(list(CAP_DROP.values()))
-    if spec.net_confined:
-        confine_network()
+    confine(spec.net_confined, spec.allow_syscalls)
     default_signals()
     init = spec.argv[0]
     try:

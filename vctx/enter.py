@@ -29,7 +29,7 @@ from typing import NoReturn
 from . import config, errors
 from . import sys as k
 from .cgroups import GuestCgroups
-from .context import CAP_DROP, confine_network, default_signals
+from .context import CAP_DROP, confine, default_signals
 from .home import Home
 from .monitor import PATH
 from .runtime import running
@@ -107,7 +107,8 @@ class Target:
     groups: list[int]
     rlimits: dict[int, tuple[int, int]]
     workdir: str
-    confine: bool  # the isolated network's Landlock scope and seccomp filter
+    confine: bool  # the isolated network's Landlock scope and sock_diag rule
+    allow_syscalls: tuple[str, ...]  # what the guest's seccomp filter lets through after all
 
 
 def guest_rlimits(read: Callable[[], str]) -> dict[int, tuple[int, int]]:
@@ -136,7 +137,7 @@ def join_guest(
         raise errors.NotRunning(f"guest {name!r} is not running")
     rlimits = guest_rlimits((home.guest(name) / "guest.toml").read_text)
     _join(name, r.init)
-    return target(name, argv, user, env, workdir, tty, login, rlimits, r.net == "isolated")
+    return target(name, argv, user, env, workdir, tty, login, rlimits, r.net == "isolated", r.allow_syscalls)
 
 
 def target(
@@ -149,6 +150,7 @@ def target(
     login: bool,
     rlimits: dict[int, tuple[int, int]],
     confine: bool,
+    allow_syscalls: tuple[str, ...],
 ) -> Target:
     """What argv becomes, looked up inside the guest (its passwd and group)."""
     uid, gid, uname, uhome, shell = _passwd(user)
@@ -165,7 +167,7 @@ def target(
     }
     e.update(env or {})
     wd = workdir or (uhome if login else "/")
-    return Target(name, argv, e, uid, gid, _groups(uname, gid), rlimits, wd, confine)
+    return Target(name, argv, e, uid, gid, _groups(uname, gid), rlimits, wd, confine, allow_syscalls)
 
 
 def become(t: Target) -> NoReturn:
@@ -174,8 +176,7 @@ def become(t: Target) -> NoReturn:
         for res, lim in t.rlimits.items():  # the guest's limits, as its init has them
             resource.setrlimit(res, lim)
         k.drop_bounding(list(CAP_DROP.values()))
-        if t.confine:
-            confine_network()
+        confine(t.confine, t.allow_syscalls)
         os.setgroups(t.groups)
         os.setresgid(t.gid, t.gid, t.gid)
         os.setresuid(t.uid, t.uid, t.uid)

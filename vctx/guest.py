@@ -171,6 +171,8 @@ def set_keys(
                     cfg.rlimits[rname] = value
                 else:
                     cfg.rlimits.pop(rname, None)
+            elif key == "allow_syscalls":
+                cfg.allow_syscalls = [x for x in value.split(",") if x]
             elif key == "hostname":
                 cfg.hostname = value
             elif key == "init":

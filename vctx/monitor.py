@@ -227,6 +227,7 @@ class Monitor:
             env={"PATH": PATH, "TERM": "linux", "container": "vctx", "HOME": "/"},
             rlimits=cfg.resource_limits(),
             net_confined=self.net.mode == "isolated",
+            allow_syscalls=tuple(cfg.allow_syscalls),
             own_netns=self.net.own_netns,
         )
 
@@ -323,6 +324,7 @@ class Monitor:
             "root": str(self.mnt),
             "style": cfg.init,
             "net": self.net.mode,
+            "allow_syscalls": list(self.spec.allow_syscalls),
         }
         write_atomic(state_path(self.name), json.dumps(state).encode())
 

@@ -35,6 +35,7 @@ class Running:
     style: str
     net: str  # the network mode it booted with
     home: str
+    allow_syscalls: tuple[str, ...] = ()  # what its seccomp filter lets through after all
 
 
 def _alive(pid: int, start: int | None) -> bool:
@@ -59,6 +60,7 @@ def running(name: str) -> Running | None:
         str(s["style"]),
         str(s.get("net", "host")),
         str(s.get("home", "")),
+        tuple(str(n) for n in s.get("allow_syscalls", ())),
     )
     if not _alive(r.monitor, s.get("monitor_start")) or not _alive(r.init, s.get("init_start")):
         return None
@@ -136,7 +138,9 @@ def apply_live(home: Home, name: str, r: Running, assignments: list[str]) -> lis
     change now (the config is saved only if they did); returns what waits
     for the next boot."""
     keys = {a.partition("=")[0] for a in assignments}
-    later = sorted(keys & {"hostname", "init", "command"}) + sorted(k for k in keys if k.startswith("rlimit."))
+    later = sorted(keys & {"hostname", "init", "command", "allow_syscalls"}) + sorted(
+        k for k in keys if k.startswith("rlimit.")
+    )
 
     def live(old: config.GuestConfig, new: config.GuestConfig) -> None:
         cg = GuestCgroups(name)

@@ -245,7 +245,7 @@ def _exec_child(conn: socket.socket, data: bytes, stdio: list[int], chan: socket
     conn.close()
     if chan is None:
         os._exit(0)
-    confine = t.confine
+    confine, allow_syscalls = t.confine, t.allow_syscalls
     poll = select.poll()
     poll.register(chan.fileno(), select.POLLIN)
     poll.register(init_fd, select.POLLIN)
@@ -269,7 +269,16 @@ def _exec_child(conn: socket.socket, data: bytes, stdio: list[int], chan: socket
             if req["name"] != name or Home(req["home"]).root != home.root:
                 raise errors.NotRunning(f"guest {req['name']!r} is not running")
             t = target(
-                name, req["argv"], req["user"], req["env"], req["workdir"], False, False, req["rlimits"], confine
+                name,
+                req["argv"],
+                req["user"],
+                req["env"],
+                req["workdir"],
+                False,
+                False,
+                req["rlimits"],
+                confine,
+                allow_syscalls,
             )
         except Exception as e:
             _fail(conn, e)
@@ -363,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         os.umask(old)
     listener.listen(64)
-    seccomp.build()  # once, here: every exec child would build it again
+    seccomp.build()  # the usual filters once, here: every exec child would build them again
+    seccomp.build(True)
     signal.signal(signal.SIGCHLD, _reap)
     control.send(b"ready")
     Server(control, listener).serve()
