@@ -17,6 +17,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import sys
 import termios
 import tomllib
@@ -170,28 +171,86 @@ def target(
     return Target(name, argv, e, uid, gid, _groups(uname, gid), rlimits, wd, confine, allow_syscalls)
 
 
-def become(t: Target) -> NoReturn:
+def bound(t: Target) -> None:
+    """What every process of the guest carries, whoever it runs as: the
+    capability bounds and the seccomp filter (with, isolated, the Landlock
+    scope).  A standby takes them on once for all its commands."""
+    k.drop_bounding(list(CAP_DROP.values()))
+    confine(t.confine, t.allow_syscalls)
+
+
+def become(t: Target, bounded: bool = False) -> NoReturn:
     """In the forked child: the guest's limits, capability bounds and user, then exec."""
     try:
         for res, lim in t.rlimits.items():  # the guest's limits, as its init has them
             resource.setrlimit(res, lim)
-        k.drop_bounding(list(CAP_DROP.values()))
-        confine(t.confine, t.allow_syscalls)
+        if not bounded:
+            bound(t)
         os.setgroups(t.groups)
         os.setresgid(t.gid, t.gid, t.gid)
         os.setresuid(t.uid, t.uid, t.uid)
         os.chdir(t.workdir)
         default_signals()
         os.execvpe(t.argv[0], t.argv, t.env)
-    except FileNotFoundError:
-        os.write(2, f"vctx: {t.argv[0]}: command not found in {t.name}\n".encode())
-        os._exit(127)
     except OSError as ex:
-        os.write(2, f"vctx: cannot run {t.argv[0]} in {t.name}: {ex.strerror}\n".encode())
-        os._exit(126)
+        code, msg = cannot_run(t, ex)
+        os.write(2, msg.encode())
+        os._exit(code)
     except BaseException as ex:
         os.write(2, f"vctx: cannot run {t.argv[0]} in {t.name}: {ex}\n".encode())
         os._exit(126)
+
+
+def cannot_run(t: Target, ex: OSError) -> tuple[int, str]:
+    """A shell's exit code (127 not found, 126 else) and its message for a
+    command that could not be run."""
+    if ex.filename == t.workdir:
+        return 126, f"vctx: cannot change to {t.workdir} in {t.name}: {ex.strerror}\n"
+    if isinstance(ex, FileNotFoundError):
+        return 127, f"vctx: {t.argv[0]}: command not found in {t.name}\n"
+    return 126, f"vctx: cannot run {t.argv[0]} in {t.name}: {ex.strerror}\n"
+
+
+def can_spawn(t: Target) -> bool:
+    """A bound standby can start t itself, without forking Python: it runs
+    as the guest's root with the limits the standby already has."""
+    return t.uid == 0 and t.gid == 0 and not t.rlimits
+
+
+# every signal a child may have reset to its default disposition on exec
+_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+
+
+def spawn(t: Target, stdio: list[int]) -> int:
+    """From a bound standby (can_spawn): t as a child, by posix_spawn (vfork
+    and exec: nothing of the standby's Python heap is copied or touched).
+    Returns its pid; a command that cannot be run is an OSError (cannot_run
+    says what to tell)."""
+    os.setgroups(t.groups)
+    os.chdir(t.workdir)
+    path = _which(t.argv[0], t.env.get("PATH", PATH))
+    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)]
+    return os.posix_spawn(path, t.argv, t.env, file_actions=actions, setsigmask=(), setsigdef=_SIGNALS)
+
+
+def _which(cmd: str, path: str) -> str:
+    """cmd looked up in the guest's PATH, as execvp would (posix_spawnp
+    would search the standby's own PATH, the host's)."""
+    if "/" in cmd:
+        return cmd
+    denied = None
+    for d in path.split(":"):
+        p = os.path.join(d or ".", cmd)
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(p, os.X_OK):
+            return p
+        denied = p
+    if denied is not None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), denied)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cmd)
 
 
 def exit_code(status: int) -> int:

@@ -22,6 +22,14 @@ one, or as soon as the guest's init is gone (a reboot or a stop: it must
 not keep the guest's cgroup populated).  A guest has at most one standby;
 concurrent execs get children of their own.
 
+Forking is the next slowest part: the child of a Python process copies
+every page it touches (reference counts make that most of them), ~3 ms
+before the command even starts.  So a standby takes on, once, what every
+process of the guest carries (capability bounds, seccomp filter), and
+starts guest root's commands with posix_spawn (vfork and exec: the Python
+heap is neither copied nor touched); another user, or limits of its own,
+still take a forked child.
+
 Only root may connect (the socket is 0600, and the peer's uid is checked).
 """
 
@@ -40,7 +48,8 @@ import sys
 from typing import NoReturn
 
 from . import errors, seccomp
-from .enter import Target, become, exit_code, guest_rlimits, join_guest, target
+from . import sys as k
+from .enter import Target, become, bound, can_spawn, cannot_run, exit_code, guest_rlimits, join_guest, spawn, target
 from .files import write_atomic
 from .home import Home
 from .monitor import children_exited, launcher, standby_path
@@ -246,6 +255,14 @@ def _exec_child(conn: socket.socket, data: bytes, stdio: list[int], chan: socket
     if chan is None:
         os._exit(0)
     confine, allow_syscalls = t.confine, t.allow_syscalls
+    # From here on the standby starts most commands itself (spawn): it
+    # carries the bounds every guest process gets, and none of its fds
+    # may leak into them.
+    try:
+        bound(t)
+        k.cloexec_from(3)
+    except OSError:
+        os._exit(0)  # the forker makes another one
     poll = select.poll()
     poll.register(chan.fileno(), select.POLLIN)
     poll.register(init_fd, select.POLLIN)
@@ -285,19 +302,32 @@ def _exec_child(conn: socket.socket, data: bytes, stdio: list[int], chan: socket
             _close(fds[1:])
             conn.close()
             continue
-        _run(conn, fds[1:], t)
+        _run(conn, fds[1:], t, bounded=True)
         conn.close()
 
 
-def _run(conn: socket.socket, stdio: list[int], t: Target) -> None:
-    """Fork the command with the client's stdio, wait, report its exit code."""
+def _run(conn: socket.socket, stdio: list[int], t: Target, bounded: bool = False) -> None:
+    """Start the command with the client's stdio, wait, report its exit code.
+
+    A bound standby spawns guest root's commands itself (vfork and exec);
+    others are forked, and the child becomes their user and limits first."""
     try:
-        pid = os.fork()
-        if pid == 0:
-            for i, fd in enumerate(stdio):
-                os.dup2(fd, i)
-            os.closerange(3, 1 << 16)
-            become(t)
+        if bounded and can_spawn(t):
+            try:
+                pid = spawn(t, stdio)
+            except OSError as ex:
+                code, msg = cannot_run(t, ex)
+                os.write(stdio[2], msg.encode())
+                _close(stdio)
+                conn.send(b"x%d" % code)
+                return
+        else:
+            pid = os.fork()
+            if pid == 0:
+                for i, fd in enumerate(stdio):
+                    os.dup2(fd, i)
+                os.closerange(3, 1 << 16)
+                become(t, bounded)
         _close(stdio)
         conn.send(b"x%d" % _wait(conn, pid))
     except Exception as e:
