@@ -3,7 +3,8 @@
 1. Boot a Debian bookworm (systemd) guest until systemd says `running` (or
    `degraded`): vctx boot --wait against systemd-nspawn --boot and LXC
    (lxc-start) on plain copies of the same tree.  vctx's first boot, which
-   starts the host daemon, is shown apart.
+   starts the host daemon, is shown apart; vctx on a plain root (a private
+   copy, idmapped bind mount: no cowfs) shows what cowfs costs.
 2. Run `true` in a running guest: vctx exec against nsenter -a (the floor:
    it joins no cgroup), lxc-attach to the Debian container, and crun exec
    and runc exec of a busybox bundle.
@@ -174,6 +175,7 @@ def main() -> None:
         run(VCTX, "template", "build", "deb", "--from", "debian", "--cache-dir", str(DEBS))
         run(VCTX, "template", "build", "bb", "--from", "busybox")
         run(VCTX, "create", "deb1", "-t", "deb")
+        run(VCTX, "create", "debplain", "-t", "deb", "--root", "plain")
         have_nspawn = shutil.which("systemd-nspawn") is not None
         if have_nspawn:
             run("cp", "-a", str(home / "templates/deb/rootfs"), str(home / "nspawn-root"))
@@ -186,7 +188,7 @@ def main() -> None:
         if stop_idle_daemon():
             cold = timed(VCTX, "boot", "--wait", "deb1")
             run(VCTX, "stop", "deb1")
-        boots: dict[str, list[float]] = {"vctx boot --wait": []}
+        boots: dict[str, list[float]] = {"vctx boot --wait": [], "vctx boot --wait, plain root": []}
         if have_nspawn:
             boots["systemd-nspawn --boot"] = []
         if lxc is not None:
@@ -194,6 +196,8 @@ def main() -> None:
         for _ in range(args.reps):
             boots["vctx boot --wait"].append(timed(VCTX, "boot", "--wait", "deb1"))
             run(VCTX, "stop", "deb1")
+            boots["vctx boot --wait, plain root"].append(timed(VCTX, "boot", "--wait", "debplain"))
+            run(VCTX, "stop", "debplain")
             if have_nspawn:
                 boots["systemd-nspawn --boot"].append(nspawn_boot(home / "nspawn-root"))
             if lxc is not None:
@@ -207,6 +211,10 @@ def main() -> None:
         for k, v in boots.items():
             if k != "vctx boot --wait":
                 print(f"  vctx / {k} = {mine / statistics.median(v):.2f}")
+        plain = statistics.median(boots["vctx boot --wait, plain root"])
+        for k in ("systemd-nspawn --boot", "lxc-start"):
+            if k in boots:
+                print(f"  vctx plain root / {k} = {plain / statistics.median(boots[k]):.2f}")
 
         print(f"\n## exec `true` in a running guest ({args.reps * 10} rounds, alternating)")
         run(VCTX, "create", "bb1", "-t", "bb")

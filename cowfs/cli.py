@@ -98,11 +98,12 @@ def umount(mountpoint: str, lazy: bool, timeout: float) -> None:
 @click.argument("dest")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0, help="Worker processes [default: one per CPU].")
-def clone(template: str, dest: str, as_json: bool, jobs: int) -> None:
+@click.option("--copy", is_flag=True, help="Private copies instead of links: a tree to serve without cowfs.")
+def clone(template: str, dest: str, as_json: bool, jobs: int, copy: bool) -> None:
     """Make DEST a guest tree of hard links to TEMPLATE's files, marked."""
     from .clone import clone as do_clone
 
-    click.echo(do_clone(template, dest, jobs).summary(as_json))
+    click.echo(do_clone(template, dest, jobs, copy).summary(as_json))
 
 
 @main.group(name="attr")

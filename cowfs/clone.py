@@ -2,7 +2,10 @@
 
 Directories, symlinks and special files are copied with their metadata;
 every regular file becomes a hard link to the template's inode, which gets
-the mark.  The tree is built under a temporary sibling name and renamed into
+the mark.  With copy, every regular file is a private copy instead (hard
+links within the template stay links within the copy) and the tree's root
+says so (PRIVATE): a tree served without cowfs, which unify never links
+into.  The tree is built under a temporary sibling name and renamed into
 place at the end, so DEST either does not exist or is complete.
 
 The work is syscalls, thousands per tree, and the kernel runs link(2)s in
@@ -23,8 +26,8 @@ import os
 import stat
 import time
 
-from . import errors, forked, mark
-from .sys import open_beneath
+from . import breaking, errors, forked, mark
+from .sys import link_fd, open_beneath
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A worker's share below this many entries is not worth a fork.
@@ -32,7 +35,7 @@ _MIN_SHARE = 400
 
 
 class CloneStats:
-    __slots__ = ("dirs", "files", "marked", "other", "seconds", "workers")
+    __slots__ = ("copied", "dirs", "files", "marked", "other", "seconds", "workers")
 
     def __init__(self) -> None:
         self.workers = 1  # processes that shared the work
@@ -41,6 +44,7 @@ class CloneStats:
         self.files = 0
         self.marked = 0  # template inodes that were not marked yet
         self.other = 0  # symlinks and special files
+        self.copied = False  # private copies, not links
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -50,6 +54,8 @@ class CloneStats:
             import json
 
             return json.dumps({**self.as_dict(), "seconds": round(self.seconds, 3)})
+        if self.copied:
+            return f"copied {self.files} files, {self.dirs} directories, {self.other} others in {self.seconds:.2f}s"
         return (
             f"cloned {self.files} files, {self.dirs} directories, {self.other} others in {self.seconds:.2f}s"
             f" ({self.marked} newly marked)"
@@ -134,7 +140,12 @@ def _open_pair(sroot: int, droot: int, rel: str) -> tuple[int, int]:
         raise
 
 
-def _fill(sroot: int, droot: int, node: _Node, subtree: bool) -> _Counts:
+# A copy's hard-link groups: (st_dev, st_ino) of the template's inode -> the
+# copy's first name for it, from the root.  None: a linked clone.
+_Links = dict[tuple[int, int], str] | None
+
+
+def _fill(sroot: int, droot: int, node: _Node, subtree: bool, links: _Links = None) -> _Counts:
     """Link, copy and mark the entries of node's directory.  With subtree,
     also make its subdirectories, fill them the same way, and give each
     directory its metadata (after its entries: each one made changes the
@@ -152,7 +163,10 @@ def _fill(sroot: int, droot: int, node: _Node, subtree: bool) -> _Counts:
                 os.mkdir(_base(sub.rel), 0o700, dir_fd=d)
         try:
             os.fchdir(s)
-            for name in node.files:
+            if links is not None:
+                for name in node.files:
+                    _copy_file(s, d, droot, name, node.rel, links)
+            for name in node.files if links is None else ():
                 try:
                     os.getxattr(name, mark.IUNLINK, follow_symlinks=False)
                 except OSError as e:
@@ -180,8 +194,29 @@ def _fill(sroot: int, droot: int, node: _Node, subtree: bool) -> _Counts:
     counts = (dirs, files, marked, other)
     if subtree:
         for sub in node.subdirs:
-            counts = _plus(counts, _fill(sroot, droot, sub, True))
+            counts = _plus(counts, _fill(sroot, droot, sub, True, links))
     return counts
+
+
+def _copy_file(s: int, d: int, droot: int, name: str, rel: str, links: dict[tuple[int, int], str]) -> None:
+    """A private copy of s/name as d/name (breaking's copy: data, owner,
+    mode, xattrs but the mark, times), or a link to the copy made already."""
+    st = os.stat(name, dir_fd=s, follow_symlinks=False)
+    key = (st.st_dev, st.st_ino)
+    if st.st_nlink > 1 and key in links:
+        os.link(links[key], name, src_dir_fd=droot, dst_dir_fd=d, follow_symlinks=False)
+        return
+    src = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=s)
+    try:
+        tmp = breaking.make_copy(d, src)
+    finally:
+        os.close(src)
+    try:
+        link_fd(tmp, d, name.encode())
+    finally:
+        os.close(tmp)
+    if st.st_nlink > 1:
+        links[key] = f"{rel}/{name}" if rel else name
 
 
 def _copy_dir_meta(s: int, d: int) -> None:
@@ -245,17 +280,19 @@ def _split(root: _Node, jobs: int) -> tuple[list[_Node], list[list[_Unit]]]:
     return top, [sh for sh in shares if sh]
 
 
-def _fill_share(sroot: int, droot: int, share: list[_Unit]) -> _Counts:
+def _fill_share(sroot: int, droot: int, share: list[_Unit], links: _Links) -> _Counts:
     total = (0, 0, 0, 0)
     for node, subtree in share:
         if subtree:
             os.mkdir(node.rel, 0o700, dir_fd=droot)
-        total = _plus(total, _fill(sroot, droot, node, subtree))
+        total = _plus(total, _fill(sroot, droot, node, subtree, links))
     return total
 
 
-def clone(template: str, dest: str, jobs: int = 0) -> CloneStats:
-    """Clone template to dest; jobs: worker processes (0: one per CPU)."""
+def clone(template: str, dest: str, jobs: int = 0, copy: bool = False) -> CloneStats:
+    """Clone template to dest; jobs: worker processes (0: one per CPU).
+    copy: private copies of the files instead of links (one process: it
+    keeps the template's hard-link groups together)."""
     t0 = time.monotonic()
     template, dest = os.path.abspath(template), os.path.abspath(dest)
     try:
@@ -274,19 +311,21 @@ def clone(template: str, dest: str, jobs: int = 0) -> CloneStats:
     partial = os.path.join(parent, f".{os.path.basename(dest)}.cowfs-partial-{os.urandom(4).hex()}")
     os.mkdir(partial, 0o700)
     stats = CloneStats()
+    stats.copied = copy
     cwd = os.open(".", os.O_PATH | os.O_CLOEXEC)
     try:
         s = os.open(template, _DIR_FLAGS)
         d = os.open(partial, _DIR_FLAGS)
         try:
             tree = _scan(s, "")
-            if not forked.can_fork():
+            links: _Links = {} if copy else None
+            if copy or not forked.can_fork():
                 jobs = 1
             top, shares = _split(tree, jobs or os.cpu_count() or 1)
             for n in top[1:]:
                 os.mkdir(n.rel, 0o700, dir_fd=d)
             stats.workers = len(shares)
-            for counts in forked.fork_map(lambda sh: _fill_share(s, d, sh), shares):
+            for counts in forked.fork_map(lambda sh: _fill_share(s, d, sh, links), shares):
                 stats.add(counts)
             # The top's metadata last, the root's very last: its 0700 keeps
             # everyone out until every entry is in.
@@ -297,6 +336,8 @@ def clone(template: str, dest: str, jobs: int = 0) -> CloneStats:
                 finally:
                     os.close(s2)
                     os.close(d2)
+            if copy:
+                os.setxattr(d, mark.PRIVATE, b"")
             stats.dirs += len(top) - 1  # the root is not counted
         finally:
             os.close(s)

@@ -15,6 +15,9 @@ from .sys import proc_fd
 PREFIX = "trusted.cowfs."
 IUNLINK = PREFIX + "iunlink"
 IUNLINK_B = IUNLINK.encode()
+# On the root of a tree of private copies (clone --copy), served without
+# cowfs: nothing may ever be hard-linked into it.
+PRIVATE = PREFIX + "private"
 _ABSENT = (errno.ENODATA, errno.ENOTSUP)
 
 

@@ -260,6 +260,11 @@ def check_trees(trees: list[str], store: str | None) -> None:
     for t in trees:
         st = _lstat_dir(t)
         real.append((t, os.path.realpath(t), st.st_dev))
+        if _is_private(t):
+            raise errors.BadTree(
+                f"{t} is a tree of private copies, served without cowfs: a link into it would let its guest"
+                " write into every tree sharing the file"
+            )
         live = serving(t)
         if live is not None:
             mp, pid = live
@@ -282,6 +287,14 @@ def check_trees(trees: list[str], store: str | None) -> None:
                 raise errors.BadTree(f"{t} is on another filesystem than the store {store}: hard links cannot cross")
             if rs == r or rs.startswith(r + "/") or r.startswith(rs + "/"):
                 raise errors.UsageError(f"the store {store} and the tree {t} overlap")
+
+
+def _is_private(path: str) -> bool:
+    try:
+        os.getxattr(path, mark.PRIVATE)
+    except OSError:
+        return False
+    return True
 
 
 def _lstat_dir(path: str) -> os.stat_result:

@@ -120,3 +120,28 @@ def test_clone_worker_failure_leaves_nothing(tmp_path: Path) -> None:
         except OSError:
             continue
         assert dest not in cmdline, proc
+
+
+def test_clone_copy_is_private(tmp_path: Path) -> None:
+    """clone --copy: the same tree with inodes of its own, unmarked; the
+    template's hard links stay links to each other; the root says private."""
+    t = big_template(tmp_path / "template")
+    os.link(t / "t0" / "s0" / "u0" / "f1", t / "t2" / "s5" / "u2" / "also-f1")
+    os.setxattr(t / "t1" / "s1" / "u1" / "f2", "user.note", b"kept")
+    st = json.loads(cowfs("clone", "--copy", "--json", str(t), str(tmp_path / "copy")).stdout)
+    assert st["copied"] and st["marked"] == 0 and st["files"] == 3 * 6 * 3 * 12 + 1
+    dest = tmp_path / "copy"
+    want = {k: v[:6] + v[7:] for k, v in tree(t).items()}
+    got = tree(dest)
+    root = got["."]
+    got["."] = (*root[:7], tuple(x for x in root[7] if x[0] != "trusted.cowfs.private"))  # type: ignore[union-attr]
+    assert {k: v[:6] + v[7:] for k, v in got.items()} == want  # all but the inodes
+    template_inodes = {p.stat().st_ino for p in t.rglob("*") if p.is_file() and not p.is_symlink()}
+    for p in dest.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            assert p.stat().st_ino not in template_inodes
+            assert MARK not in os.listxattr(p)
+    a, b = dest / "t0" / "s0" / "u0" / "f1", dest / "t2" / "s5" / "u2" / "also-f1"
+    assert os.path.samestat(a.stat(), b.stat()) and a.stat().st_nlink == 2
+    assert os.getxattr(dest, "trusted.cowfs.private") == b""
+    fails(17, "unify", str(dest), str(tmp_path / "template"), says="private copies")

@@ -159,6 +159,49 @@ def test_boot_exec_stop(bb_home: Path, guest: str) -> None:
     assert "not running" in fails(bb_home, 27, "exec", guest, "--", "true")
 
 
+def test_plain_root(bb_home: Path) -> None:
+    """root = "plain": a private copy of the template, bind-mounted with the
+    guest's ids (idmapped): no FUSE, the same ids inside, the template
+    untouched, and nothing ever links into it."""
+    name = f"p-{secrets.token_hex(3)}"
+    assert "a plain copy" in vctx(bb_home, "create", name, "-t", "bb", "--root", "plain").stdout
+    tree, template = bb_home / "guests" / name / "rootfs", bb_home / "templates" / "bb" / "rootfs"
+    try:
+        assert not os.path.samestat(os.stat(tree / "bin/busybox"), os.stat(template / "bin/busybox"))
+        assert os.getxattr(tree, "trusted.cowfs.private") == b""
+        passwd = (template / "etc/passwd").read_bytes()
+        vctx(bb_home, "boot", name)
+        script = "id -u; stat -c %u /bin/busybox; echo x >> /etc/passwd; mkdir /root/d; touch /root/d/f; cat /proc/self/mountinfo"
+        out = vctx(bb_home, "exec", name, "--", "sh", "-c", script).stdout.splitlines()
+        assert out[:2] == ["0", "0"]  # the template's root-owned files are the guest root's
+        root_line = next(line for line in out[2:] if line.split()[4] == "/")
+        assert "idmapped" in root_line and "fuse" not in root_line
+        # on disk the ids are the template's, unshifted; only the guest's tree changed
+        assert os.stat(tree / "root/d/f").st_uid == 0
+        assert (tree / "etc/passwd").read_bytes() == passwd + b"x\n"
+        assert (template / "etc/passwd").read_bytes() == passwd
+        assert "is running" in fails(bb_home, 26, "delete", name)
+        other = bb_home / "guests" / name / "other"
+        other.mkdir()
+        res = subprocess.run(
+            [sys.executable, "-m", "cowfs", "unify", "--store", str(bb_home / "store-p"), str(tree), str(other)],
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode != 0 and "private copies" in res.stderr and res.stderr.count("\n") == 1
+        other.rmdir()
+        st = state(name)
+        assert st is not None
+        vctx(bb_home, "stop", name)
+        nothing_left(name, [int(st["init"])])  # type: ignore[call-overload]
+        assert not (RUN / name).exists()  # the bind mount is gone with its directory
+    finally:
+        if state(name) is not None:
+            vctx(bb_home, "stop", name, check=False)
+        vctx(bb_home, "delete", name, check=False)
+    assert not (bb_home / "guests" / name).exists()
+
+
 def test_guest_survives_its_caller_and_reboots_and_halts(bb_home: Path, guest: str) -> None:
     # the vctx command that booted it is gone; one running exec is killed outright
     p = subprocess.Popen(

@@ -207,6 +207,13 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 @click.option(
     "--network", type=click.Choice(["isolated", "netns", "none", "host"]), default="isolated", show_default=True
 )
+@click.option(
+    "--root",
+    type=click.Choice(["cowfs", "plain"]),
+    default="cowfs",
+    show_default=True,
+    help="cowfs: hard links to the template, copied on write; plain: a private copy, mounted idmapped (no FUSE).",
+)
 @click.pass_context
 def create(
     ctx: click.Context,
@@ -217,12 +224,14 @@ def create(
     ips: tuple[str, ...],
     interface: str,
     network: str,
+    root: str,
 ) -> None:
     """Create guest NAME as a copy-on-write clone of a template."""
     net = Net(mode=network, ip=[a for x in ips for a in x.split(",") if a], interface=interface)
-    g = guests.create(_home(ctx), name, template_name, init=init, hostname=hostname, net=net)
+    g = guests.create(_home(ctx), name, template_name, init=init, hostname=hostname, net=net, root=root)
     base = g.cfg.id_base
-    click.echo(f"created guest {g.name} from {template_name} (ids {base}-{base + g.cfg.id_size - 1})")
+    how = "" if root == "cowfs" else ", a plain copy"
+    click.echo(f"created guest {g.name} from {template_name} (ids {base}-{base + g.cfg.id_size - 1}{how})")
 
 
 @main.command()

@@ -24,6 +24,9 @@ from .home import check_name
 VERSION = 1
 INITS = ("systemd", "sysvinit", "busybox", "plain")
 NETWORKS = ("isolated", "netns", "none", "host")
+# cowfs: the guest's tree is hard links to its template, served by cowfs;
+# plain: a private copy, bind-mounted with the guest's ids (no FUSE at all).
+ROOTS = ("cowfs", "plain")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _CPUSET = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
@@ -179,6 +182,7 @@ class GuestConfig:
     limits: Limits = field(default_factory=Limits)
     net: Net = field(default_factory=Net)
     rlimits: dict[str, str | int] = field(default_factory=dict)
+    root: str = "cowfs"
     allow_syscalls: list[str] = field(default_factory=list)  # of those seccomp.py refuses; from the next boot
     version: int = VERSION
 
@@ -188,6 +192,8 @@ class GuestConfig:
             raise errors.BadConfig(f"version {self.version!r} is not supported (this vctx writes {VERSION})")
         if self.init not in INITS:
             raise errors.BadConfig(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
+        if self.root not in ROOTS:
+            raise errors.BadConfig(f"root: expected one of {', '.join(ROOTS)}, got {self.root!r}")
         if self.init == "plain" and not self.command:
             raise errors.BadConfig('init = "plain" needs command = ["program", "arg", ...]')
         if not (isinstance(self.id_base, int) and self.id_base > 0 and self.id_base + self.id_size <= 2**32 - 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import secrets
 import shutil
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cowfs.clone import clone
-from cowfs.daemon import serving
+from cowfs.daemon import find_mount, serving
 
 from . import config, errors, idrange
 from . import template as templates
@@ -64,7 +65,10 @@ def create(
     init: str | None = None,
     hostname: str | None = None,
     net: config.Net | None = None,
+    root: str = "cowfs",
 ) -> Guest:
+    """A new guest's tree from the template (links to it, or a private copy
+    for root = "plain") and its config."""
     check_name(name)
     t = templates.load(home, template_name)
     with home.locked():
@@ -78,19 +82,20 @@ def create(
             id_base=idrange.allocate(home),
             hostname=hostname or name,
             net=net or config.Net(),
+            root=root,
         )
         cfg.check()
         _check_addresses(home, cfg)
         partial = home.guests / f".{name}.partial-{secrets.token_hex(4)}"
         partial.mkdir(mode=0o700)
         try:
-            clone(str(t.rootfs), str(partial / "rootfs"))
+            clone(str(t.rootfs), str(partial / "rootfs"), copy=root == "plain")
             # Per-guest identity: fresh files, never writes into the template's inodes.
-            root = partial / "rootfs"
-            if (root / "etc").is_dir():
-                replace_in_tree(root, "etc/hostname", f"{cfg.hostname}\n".encode())
-                if (root / "etc/machine-id").exists():
-                    replace_in_tree(root, "etc/machine-id", f"{secrets.token_hex(16)}\n".encode(), 0o444)
+            tree = partial / "rootfs"
+            if (tree / "etc").is_dir():
+                replace_in_tree(tree, "etc/hostname", f"{cfg.hostname}\n".encode())
+                if (tree / "etc/machine-id").exists():
+                    replace_in_tree(tree, "etc/machine-id", f"{secrets.token_hex(16)}\n".encode(), 0o444)
             config.save(cfg, partial / CONFIG)
             partial.rename(path)
         except BaseException:
@@ -99,14 +104,30 @@ def create(
     return Guest(name, path, cfg)
 
 
+def mounted_at(g: Guest) -> str | None:
+    """Where the guest's tree is mounted while it runs: by cowfs, or (a
+    plain root) bind-mounted at its run directory."""
+    live = serving(str(g.rootfs))
+    if live is not None:
+        return live[0]
+    from .monitor import run_dir  # monitor imports this module
+
+    mp = run_dir(g.name) / "root"
+    try:
+        # (by mountinfo: a bind mount of the same filesystem fools os.path.ismount)
+        if find_mount(str(mp)) is not None and os.path.samestat(os.stat(mp), os.stat(g.rootfs)):
+            return str(mp)
+    except OSError:
+        pass
+    return None
+
+
 def delete(home: Home, name: str) -> None:
     g = load(home, name)
     with home.locked():
-        live = serving(str(g.rootfs))
+        live = mounted_at(g)
         if live is not None:
-            raise errors.Running(
-                f"guest {name!r} is running (its root is mounted at {live[0]}): vctx stop {name} first"
-            )
+            raise errors.Running(f"guest {name!r} is running (its root is mounted at {live}): vctx stop {name} first")
         gone = home.guests / f".{name}.deleting-{secrets.token_hex(4)}"
         g.path.rename(gone)
     # rmtree works from directory fds and never follows the guest's symlinks

@@ -149,13 +149,17 @@ def launcher(spec: Spec, net: netctx.Plan, to_c: int, from_c: int, err_w: int) -
     try:
         if os.read(to_c, 1) != b"g":
             os._exit(1)
-        k.unshare(NS_FLAGS | (k.CLONE_NEWNET if net.own_netns else 0))
+        # The mount namespace comes last: a plain root is mounted on the
+        # host (idmapped with this user namespace) between "u" and "m", and
+        # the copy of the host's mounts must have it.
+        k.unshare((NS_FLAGS & ~k.CLONE_NEWNS) | (k.CLONE_NEWNET if net.own_netns else 0))
         os.write(from_c, b"u")
         if os.read(to_c, 1) != b"m":
             os._exit(1)
         os.setresgid(0, 0, 0)
         os.setgroups([])
         os.setresuid(0, 0, 0)
+        k.unshare(k.CLONE_NEWNS)
         if net.own_netns:
             netctx.up_netns_inside(net)
         pid = os.fork()
@@ -265,8 +269,9 @@ class Monitor:
             self.cg.add(self.launcher)
             if self.net.mode == "isolated":
                 netctx.up_isolated(self.net, self.cg.v2)
-            opts = MountOptions(idmap=IdMap(cfg.id_base, cfg.id_base, cfg.id_size), suid=True)
-            self.served = Served(str(self.g.rootfs), str(self.mnt), opts, lru=self.lru)
+            if cfg.root == "cowfs":
+                opts = MountOptions(idmap=IdMap(cfg.id_base, cfg.id_base, cfg.id_size), suid=True)
+                self.served = Served(str(self.g.rootfs), str(self.mnt), opts, lru=self.lru)
             self.t_prepared = time.monotonic()
         except BaseException:
             signal.pidfd_send_signal(self.launcher_fd, signal.SIGKILL)
@@ -294,6 +299,8 @@ class Monitor:
                 Path(f"/proc/{self.launcher}/{kind}_map").write_text(f"0 {cfg.id_base} {cfg.id_size}\n")
             if self.net.mode == "netns":
                 netctx.up_netns_host(self.net, self.launcher)
+            if cfg.root == "plain":
+                self._mount_plain()
             os.write(self.to_c, b"m")
             line = b""
             while not line.endswith(b"\n"):
@@ -328,6 +335,22 @@ class Monitor:
         }
         write_atomic(state_path(self.name), json.dumps(state).encode())
 
+    def _mount_plain(self) -> None:
+        """A plain root: the guest's tree bind-mounted with the ids of the
+        launcher's user namespace, so the template's root-owned files are
+        the guest root's, with no FUSE server in between."""
+        uns = os.open(f"/proc/{self.launcher}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            k.idmapped_bind(str(self.g.rootfs), str(self.mnt), uns)
+        except OSError as e:
+            raise BootError(
+                errors.HostLacks.exit_code,
+                f"cannot mount {self.g.rootfs} with the guest's ids ({e.strerror}): idmapped mounts need"
+                " Linux 5.12+ and a filesystem that has them (ext4, xfs, btrfs, tmpfs)",
+            ) from None
+        finally:
+            os.close(uns)
+
     async def _aerr(self) -> str:
         import trio
 
@@ -344,7 +367,7 @@ class Monitor:
         """Kill whatever is left, unmount, remove cgroups and state."""
         if self.cg.exists():
             self.cg.kill()
-        if self.served is not None and os.path.ismount(self.mnt):
+        while find_mount(str(self.mnt)) is not None:  # (a plain root's bind mount fools os.path.ismount)
             k.umount(str(self.mnt), lazy=True)
         try:
             self.cg.remove()
@@ -362,11 +385,14 @@ class Monitor:
     async def run(self, wait_child: WaitChild, task_status: Any) -> str:
         """Serve the mount and supervise init until the guest is gone;
         task_status.started() once init runs.  Returns halt or reboot."""
-        assert self.served is not None
         try:
-            await self.served.serve(lambda: self.supervise(wait_child, task_status), on_signals=False)
+            if self.served is not None:
+                await self.served.serve(lambda: self.supervise(wait_child, task_status), on_signals=False)
+            else:  # a plain root: the kernel serves it
+                await self.supervise(wait_child, task_status)
         finally:
-            self.served.close()
+            if self.served is not None:
+                self.served.close()
             self.teardown()
             os.close(self.master)
         if self.failure is not None:
