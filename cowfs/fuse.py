@@ -34,7 +34,7 @@ LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
 MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE = 8, 9, 10, 11, 12, 13, 14, 15, 16
 STATFS, RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, FLUSH = 17, 18, 20, 21, 22, 23, 24, 25
 INIT, OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, ACCESS, CREATE, INTERRUPT = 26, 27, 28, 29, 30, 34, 35, 36
-DESTROY, BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2 = 38, 42, 43, 44, 45
+IOCTL, DESTROY, BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2 = 39, 38, 42, 43, 44, 45
 
 # INIT flags
 ASYNC_READ = 1 << 0
@@ -89,6 +89,8 @@ BUFSIZE = MAX_WRITE + 4096 * 2
 TIMEOUT_S = 86400  # entry and attribute validity (see fs.py)
 
 NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
+_IOCTL_OP = struct.pack("<I", IOCTL)
+_ENOTTY_HEAD = struct.pack("<Ii", OUT_HEADER.size, -errno.ENOTTY)  # then the request's unique
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,13 @@ class Session:
                     if e.errno in (errno.EINTR, errno.ENOENT):
                         continue
                     raise
+                if data[4:8] == _IOCTL_OP:
+                    # No ioctl is ours to answer, and the kernel asks anyway,
+                    # every time: systemd's isatty() on each line of each
+                    # unit file is 3,300 of them per boot.  Answered here,
+                    # before any decoding.
+                    self._write(_ENOTTY_HEAD + data[8:16])
+                    continue
                 self._dispatch(nursery, data)
                 if nursery.child_tasks:  # let slow requests' tasks make progress
                     await trio.sleep(0)

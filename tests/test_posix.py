@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import shutil
@@ -17,6 +18,8 @@ import pytest
 from conftest import Guest, cowfs
 
 from cowfs.sys import fallocate
+
+FS_IOC_GETFLAGS = 0x80086601
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -40,6 +43,21 @@ def test_regular_files_and_nanosecond_times(guest: Guest) -> None:
     assert (st.st_atime_ns, st.st_mtime_ns) == (123_456_789_012, 987_654_321_098)
     assert (guest.backing / "etc/new").stat().st_mtime_ns == 987_654_321_098
     assert (guest.mnt / "etc/hostname").stat().st_mtime_ns == 2_000_000_456
+
+
+def test_files_are_not_ttys(guest: Guest) -> None:
+    """isatty() on a file is an ioctl the kernel always sends to the server:
+    answered ENOTTY, for files and directories, and the mount carries on."""
+    for p in (guest.mnt / "etc/hostname", guest.mnt / "etc"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            assert not os.isatty(fd)
+            with pytest.raises(OSError) as e:
+                fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8)  # lsattr: no flags to show
+            assert e.value.errno == errno.ENOTTY
+        finally:
+            os.close(fd)
+    assert (guest.mnt / "etc/hostname").read_bytes()
 
 
 def test_directories_symlinks_fifos_and_listing(guest: Guest) -> None:
