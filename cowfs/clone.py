@@ -166,15 +166,16 @@ def _fill(sroot: int, droot: int, node: _Node, subtree: bool, links: _Links = No
             if links is not None:
                 for name in node.files:
                     _copy_file(s, d, droot, name, node.rel, links)
-            for name in node.files if links is None else ():
-                try:
-                    os.getxattr(name, mark.IUNLINK, follow_symlinks=False)
-                except OSError as e:
-                    if e.errno not in (errno.ENODATA, errno.ENOTSUP):
-                        raise
-                    mark.set_mark(path=name)
-                    marked += 1
-                os.link(name, name, src_dir_fd=s, dst_dir_fd=d, follow_symlinks=False)
+            else:
+                for name in node.files:
+                    try:
+                        os.getxattr(name, mark.IUNLINK, follow_symlinks=False)
+                    except OSError as e:
+                        if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                            raise
+                        mark.set_mark(path=name)
+                        marked += 1
+                    os.link(name, name, src_dir_fd=s, dst_dir_fd=d, follow_symlinks=False)
             files += len(node.files)
             for name in node.others:
                 _copy_other(s, d, name)

@@ -174,11 +174,13 @@ def _block(arch: int, allowed: frozenset[str], sock_diag: bool) -> list[Insn]:
 
 
 @functools.cache
-def build(sock_diag: bool = False, allowed: frozenset[str] = frozenset(), machine: str | None = None) -> bytes:
+def build(sock_diag: bool, allowed: frozenset[str], machine: str | None = None) -> bytes:
     """The filter for this machine's ABIs (empty where vctx knows none).
 
     sock_diag: also refuse sock_diag netlink sockets (isolated network).
-    allowed: names from DENIED to let through after all.
+    allowed: names from DENIED to let through after all.  (No defaults:
+    the cache keys on the arguments as passed, so every caller spells
+    them out the same way.)
     """
     abis = ABIS.get(machine or os.uname().machine)
     if not abis:

@@ -53,11 +53,10 @@ CLOSE_RANGE_CLOEXEC = 1 << 2
 
 
 def cloexec_from(first: int) -> None:
-    """Mark every fd from first up close-on-exec (close_range(2), Linux 5.11)."""
-    _check(
-        _libc.close_range(ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF), ctypes.c_int(CLOSE_RANGE_CLOEXEC)),
-        "close_range",
-    )
+    """Mark every fd from first up close-on-exec (close_range(2), Linux 5.11;
+    the raw syscall: glibc has a wrapper only from 2.34)."""
+    ret = _syscall(SYS_close_range, ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF), ctypes.c_uint(CLOSE_RANGE_CLOEXEC))
+    _check(ret, "close_range")
 
 
 def unshare(flags: int) -> None:
@@ -81,18 +80,21 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def make_readonly_recursive(path: str) -> None:
-    """mount_setattr(2): the mount at path and every mount below it read-only."""
-    attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+def _mount_setattr(dfd: int, path: str, flags: int, attr: _MountAttr, what: str) -> None:
     ret = _syscall(
         SYS_mount_setattr,
-        ctypes.c_int(-100),
+        ctypes.c_int(dfd),
         path.encode(),
-        ctypes.c_uint(AT_RECURSIVE),
+        ctypes.c_uint(flags),
         ctypes.byref(attr),
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
-    _check(ret, "mount_setattr", path)
+    _check(ret, "mount_setattr", what)
+
+
+def make_readonly_recursive(path: str) -> None:
+    """mount_setattr(2): the mount at path and every mount below it read-only."""
+    _mount_setattr(-100, path, AT_RECURSIVE, _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0), path)
 
 
 SYS_open_tree = 428
@@ -117,16 +119,7 @@ def idmapped_bind(src: str, dst: str, userns_fd: int) -> None:
     )
     _check(-1 if fd < 0 else 0, "open_tree", src)
     try:
-        attr = _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV, 0, 0, userns_fd)
-        ret = _syscall(
-            SYS_mount_setattr,
-            ctypes.c_int(fd),
-            b"",
-            ctypes.c_uint(AT_EMPTY_PATH),
-            ctypes.byref(attr),
-            ctypes.c_size_t(ctypes.sizeof(attr)),
-        )
-        _check(ret, "mount_setattr (idmap)", src)
+        _mount_setattr(fd, "", AT_EMPTY_PATH, _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV, 0, 0, userns_fd), src)
         ret = _syscall(
             SYS_move_mount,
             ctypes.c_int(fd),

@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         os.umask(old)
     listener.listen(64)
-    seccomp.build()  # the usual filters once, here: every exec child would build them again
-    seccomp.build(True)
+    for net in (False, True):  # the usual filters once, here: every child would build them again
+        seccomp.build(net, frozenset())
     signal.signal(signal.SIGCHLD, _reap)
     control.send(b"ready")
     Server(control, listener).serve()
