@@ -147,17 +147,37 @@ def wait_systemd(home: str, name: str, init: int, timeout: float) -> str:
 
 
 def _parse_boot(args: list[str]) -> tuple[str, bool, float] | None:
-    """`boot|start NAME [--wait] [--timeout S]` of a guest that exists."""
-    if len(args) < 2 or args[0] not in ("boot", "start"):
+    """`boot|start [--wait] [--timeout S] NAME`, options on either side of
+    the name as click takes them, of a guest that exists."""
+    if not args or args[0] not in ("boot", "start"):
         return None
-    name, wait, timeout, rest = args[1], False, 120.0, args[2:]
+    names: list[str] = []
+    wait, timeout, rest = False, 120.0, args[1:]
     while rest:
-        if rest[0] == "--wait":
-            wait, rest = True, rest[1:]
-        elif rest[0] == "--timeout" and len(rest) > 1 and rest[1].replace(".", "", 1).isdigit():
-            timeout, rest = float(rest[1]), rest[2:]
-        else:
+        a, rest = rest[0], rest[1:]
+        if a == "--wait":
+            wait = True
+        elif a == "--timeout" or a.startswith("--timeout="):
+            if a == "--timeout":
+                if not rest:
+                    return None
+                a, rest = rest[0], rest[1:]
+            else:
+                a = a.partition("=")[2]
+            try:
+                timeout = float(a)
+            except ValueError:
+                return None  # the full command line says what is wrong
+        elif a == "--":
+            names += rest
+            break
+        elif a.startswith("-"):
             return None
+        else:
+            names.append(a)
+    if len(names) != 1:
+        return None
+    name = names[0]
     # home.NAME_RE, spelt out (re costs this path 5 ms); a name it would refuse goes to the full command line
     ok = name[:1].isalnum() and len(name) <= 63 and all(c in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in name)
     if not ok or not os.path.isfile(os.path.join(_home(), "guests", name, "guest.toml")):
