@@ -28,7 +28,7 @@ from .sys import mount as sys_mount
 from .sys import raise_nofile_limit, umount
 
 if TYPE_CHECKING:
-    from .model import Lru
+    from .model import CowTree, Lru
 
 
 def _state_dir() -> Path:
@@ -228,19 +228,35 @@ def _raise_readahead(dev: str) -> None:
         log.warning("cannot raise readahead of %s: %s", dev, e)
 
 
+def scanned_tree(backing: str, opts: MountOptions, lru: Lru | None = None) -> CowTree:
+    """The backing tree, scanned (link counts, leftover temporaries): all a
+    mount needs of it before it can be served."""
+    from .model import CowTree
+
+    limit = raise_nofile_limit()
+    budget = opts.fd_budget or max(64, min(limit - 1024, 1 << 16))
+    tree = CowTree(backing, opts.idmap, fd_budget=budget, lru=lru)
+    try:
+        tree.scan()
+    except BaseException:
+        tree.destroy()
+        raise
+    return tree
+
+
 class Served:
     """A mounted cowfs, ready to be served by run() (a process of its own)
     or by serve() (a task in a loop serving other mounts too)."""
 
-    def __init__(self, backing: str, mountpoint: str, opts: MountOptions, lru: Lru | None = None) -> None:
+    def __init__(
+        self, backing: str, mountpoint: str, opts: MountOptions, lru: Lru | None = None, tree: CowTree | None = None
+    ) -> None:
+        """tree: scanned_tree(backing, opts, lru), if the caller made it
+        already (vctxd does, while the guest's cgroups are made); ours now."""
         from .fs import CowFS
-        from .model import CowTree
 
         self.backing, self.mountpoint = backing, mountpoint
-        limit = raise_nofile_limit()
-        budget = opts.fd_budget or max(64, min(limit - 1024, 1 << 16))
-        self.tree = CowTree(backing, opts.idmap, fd_budget=budget, lru=lru)
-        self.tree.scan()
+        self.tree = tree if tree is not None else scanned_tree(backing, opts, lru)
         self.fs = CowFS(self.tree)
         try:
             self.fuse_fd = _open_fuse(backing, mountpoint, opts)

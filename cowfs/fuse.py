@@ -173,16 +173,23 @@ class Session:
 
     # -- replies --------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, *parts: bytes) -> None:
         try:
-            os.write(self.fd, data)
+            if len(parts) == 1:
+                os.write(self.fd, parts[0])
+            else:
+                os.writev(self.fd, parts)
         except OSError as e:
             # ENOENT: the request was interrupted and the kernel dropped it.
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 raise
 
     def reply(self, unique: int, payload: bytes = b"") -> None:
-        self._write(OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique) + payload)
+        head = OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique)
+        if len(payload) < 4096:
+            self._write(head + payload)
+        else:  # a read's data: not copied once more to sit behind the header
+            self._write(head, payload)
 
     def reply_err(self, unique: int, err: int) -> None:
         self._write(OUT_HEADER.pack(OUT_HEADER.size, -err, unique))

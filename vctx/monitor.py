@@ -28,12 +28,13 @@ import logging
 import os
 import resource
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cowfs.daemon import MountOptions, Served, find_mount
+from cowfs.daemon import MountOptions, Served, find_mount, scanned_tree
 from cowfs.idmap import IdMap
 
 from . import errors, netctx
@@ -46,7 +47,7 @@ from .files import write_atomic
 from .home import Home
 
 if TYPE_CHECKING:
-    from cowfs.model import Lru
+    from cowfs.model import CowTree, Lru
 
 RUN = Path(os.environ.get("VCTX_RUN", "/run/vctx"))
 NS_FLAGS = k.CLONE_NEWUSER | k.CLONE_NEWNS | k.CLONE_NEWUTS | k.CLONE_NEWIPC | k.CLONE_NEWPID | k.CLONE_NEWCGROUP
@@ -199,6 +200,35 @@ def close_log(lg: logging.Logger) -> None:
         h.close()
 
 
+class _Scan:
+    """cowfs.daemon.scanned_tree in a thread of its own."""
+
+    def __init__(self, backing: str, opts: MountOptions, lru: Lru | None) -> None:
+        self.tree: CowTree | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(backing, opts, lru), name="scan", daemon=True)
+        self.thread.start()
+
+    def _run(self, backing: str, opts: MountOptions, lru: Lru | None) -> None:
+        try:
+            self.tree = scanned_tree(backing, opts, lru)
+        except BaseException as e:  # handed to result()
+            self.error = e
+
+    def result(self) -> CowTree:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.tree is not None
+        return self.tree
+
+    def drop(self) -> None:
+        """The boot failed first: close what the scan opened."""
+        self.thread.join()
+        if self.tree is not None:
+            self.tree.destroy()
+
+
 class Monitor:
     """One boot of one guest, from prepare() to the end of run()."""
 
@@ -253,12 +283,19 @@ class Monitor:
         to_c_r, self.to_c = os.pipe2(os.O_CLOEXEC)
         self.from_c, from_c_w = os.pipe2(os.O_CLOEXEC)
         self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        opts = MountOptions(idmap=IdMap(cfg.id_base, cfg.id_base, cfg.id_size), suid=True)
+        # The tree's scan (Python, ~20 ms for a Debian tree) runs while this
+        # thread waits in the kernel: the first move into a cgroup waits out
+        # an RCU grace period (~13 ms here), the BPF programs load.
+        scan = _Scan(str(self.g.rootfs), opts, self.lru) if cfg.root == "cowfs" else None
         try:
             self.launcher = self.launch_via(self.spec, self.net, [to_c_r, from_c_w, err_w])
             self.launcher_fd = os.pidfd_open(self.launcher)
         except BaseException:
             for fd in (self.to_c, self.from_c, self.err_r, self.master):
                 os.close(fd)
+            if scan is not None:
+                scan.drop()
             raise
         finally:
             for fd in (to_c_r, from_c_w, err_w, slave):
@@ -269,11 +306,13 @@ class Monitor:
             self.cg.add(self.launcher)
             if self.net.mode == "isolated":
                 netctx.up_isolated(self.net, self.cg.v2)
-            if cfg.root == "cowfs":
-                opts = MountOptions(idmap=IdMap(cfg.id_base, cfg.id_base, cfg.id_size), suid=True)
-                self.served = Served(str(self.g.rootfs), str(self.mnt), opts, lru=self.lru)
+            if scan is not None:
+                tree, scan = scan.result(), None
+                self.served = Served(str(self.g.rootfs), str(self.mnt), opts, lru=self.lru, tree=tree)
             self.t_prepared = time.monotonic()
         except BaseException:
+            if scan is not None:
+                scan.drop()
             signal.pidfd_send_signal(self.launcher_fd, signal.SIGKILL)
             for fd in (self.to_c, self.from_c, self.err_r, self.master, self.launcher_fd):
                 os.close(fd)
