@@ -111,16 +111,17 @@ def cstr(body: memoryview, start: int = 0) -> tuple[bytes, int]:
 
 
 def pack_attr(ino: int, st: os.stat_result, nlink: int, uid: int, gid: int) -> bytes:
+    a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns  # each access makes a new int: once
     return ATTR.pack(
         ino,
         st.st_size,
         st.st_blocks,
-        st.st_atime_ns // 1_000_000_000,
-        st.st_mtime_ns // 1_000_000_000,
-        st.st_ctime_ns // 1_000_000_000,
-        st.st_atime_ns % 1_000_000_000,
-        st.st_mtime_ns % 1_000_000_000,
-        st.st_ctime_ns % 1_000_000_000,
+        a // 1_000_000_000,
+        m // 1_000_000_000,
+        c // 1_000_000_000,
+        a % 1_000_000_000,
+        m % 1_000_000_000,
+        c % 1_000_000_000,
         st.st_mode,
         nlink,
         uid,

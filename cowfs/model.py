@@ -110,7 +110,7 @@ class FdCache:
         self.lru.nodes.pop(id(node), None)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: thousands are made per cold directory walk
 class Node:
     ino: int
     _fd: int  # O_PATH on the backing inode, or -1 while evicted
@@ -128,7 +128,7 @@ class Node:
     io_rw: bool = False
     # Directories: the listing readdir offsets index, taken at offset 0 and
     # dropped whenever we change the directory.
-    listing: list[bytes] | None = None
+    listing: list[tuple[bytes, int]] | None = None  # (name, d_ino)
     _lock: trio.Lock | None = None
     handle: bytes | None = None  # to reopen the inode after eviction
     cache: FdCache | None = None
@@ -293,12 +293,18 @@ class CowTree:
         self.fds.admit(node)
         return node
 
-    def _child(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
-        """Resolve one name in parent without following it; no lookup counted."""
+    def _child(self, parent: Node, name: bytes, d_ino: int = 0) -> tuple[Node, os.stat_result]:
+        """Resolve one name in parent without following it; no lookup counted.
+
+        d_ino: the inode number a listing gave the name.  One we have no node
+        for is opened at once, without a stat by name first (a cold readdir
+        meets thousands); the fd's own stat decides what it is."""
         if breaking.is_temp_name(name):
             raise OSError(errno.ENOENT, "reserved name")
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        node = self.by_key.get(key_of(st))
+        node = None
+        if not d_ino or (parent.key[0], d_ino) in self.by_key:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            node = self.by_key.get(key_of(st))
         if node is None:
             fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.fd)
             st = os.fstat(fd)  # the identity of what we opened, not of what we stat'ed
@@ -672,19 +678,19 @@ class CowTree:
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
             try:
                 with os.scandir(fd) as it:
-                    names = [os.fsencode(e.name) for e in it]
+                    names = [(os.fsencode(e.name), e.inode()) for e in it]
             finally:
                 os.close(fd)
-            node.listing = [b".", b".."] + [n for n in names if not breaking.is_temp_name(n)]
+            node.listing = [(b".", 0), (b"..", 0)] + [n for n in names if not breaking.is_temp_name(n[0])]
         listing = node.listing
         for i in range(offset, len(listing)):
-            name = listing[i]
+            name, d_ino = listing[i]
             if i < 2:
                 other = node if i == 0 else self.nodes.get(node.parent, node)
                 yield i + 1, name, other, os.fstat(other.fd), False
                 continue
             try:
-                child, st = self._child(node, name)
+                child, st = self._child(node, name, d_ino)
             except FileNotFoundError:  # removed since the listing was taken
                 continue
             yield i + 1, name, child, st, True
