@@ -3,8 +3,9 @@
 Contenders: native ext4 (a plain copy of the tree), kernel overlayfs and
 fuse-overlayfs (template as the lower layer), cowfs (a clone of the template,
 every file a marked hard link).  The tree is a debootstrapped Debian bookworm
-minbase plus a 1 GiB and a 100 MiB file.  Prints medians and ratios to native
-(and, for the targets, to fuse-overlayfs).
+minbase plus a 1 GiB and a 100 MiB file, on a fresh ext4 made for the run
+(loopfs.py says why).  Prints medians and ratios to native (and, for the
+targets, to fuse-overlayfs).
 
 Run as root: sudo .venv/bin/python benchmarks/fs.py [--reps N] [--big-mib N]
 """
@@ -21,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loopfs import fresh_ext4  # benchmarks/, the script's own directory
 
 from cowfs.sys import mount as sys_mount
 from cowfs.sys import umount as sys_umount
@@ -166,15 +169,20 @@ def main() -> None:
     ap.add_argument("--big-mib", type=int, default=1024)
     ap.add_argument("--work", default="/var/tmp/cowfs-bench")
     ap.add_argument("--only", help="substring of the workloads to run")
+    ap.add_argument("--image-gib", type=int, default=16, help="size of the (sparse) ext4 image the trees live on")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("benchmarks/fs.py: run as root")
 
     work = Path(args.work)
-    for p in work.glob("*/root"):
+    for p in [*work.glob("*/root"), work]:  # an interrupted run's
         subprocess.run(["umount", "-l", str(p)], capture_output=True)
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    with fresh_ext4(Path(f"{work}.img"), work, args.image_gib):
+        bench(args, work)
+
+
+def bench(args: argparse.Namespace, work: Path) -> None:
     template = work / "template"
     print("preparing the template (Debian bookworm minbase + big files) ...", flush=True)
     sh(f"cp -a {minbase('bookworm')} {template}")
@@ -241,8 +249,7 @@ def main() -> None:
         f"cowfs clone {mc * 1000:.0f} ms, cp -al {ma * 1000:.0f} ms, cp -a {mcp * 1000:.0f} ms: clone/cp-al = {mc / ma:.2f}x, cp-a/clone = {mcp / mc:.1f}x"
     )
     print(f"cowfs daemon, idle after mount: PSS {idle_pss / 1024:.1f} MiB")
-    print(f"(medians of {args.reps} runs; ratios are to native ext4 unless named)")
-    shutil.rmtree(work, ignore_errors=True)
+    print(f"(medians of {args.reps} runs on a fresh ext4 (loop device); ratios are to native ext4 unless named)")
 
 
 if __name__ == "__main__":
