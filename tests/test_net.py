@@ -447,16 +447,17 @@ def test_netns_guest_cannot_spoof_sources(net_home: Path) -> None:
     name = f"ns-{secrets.token_hex(2)}"
     net4 = f"169.254.{1 + secrets.randbelow(250)}"
     net6 = f"fd{secrets.token_hex(1)}:{secrets.token_hex(2)}:{secrets.token_hex(2)}:"
-    mine = [f"{net4}.2", *([f"{net6}:2"] if v6 else [])]
-    spoofed = [f"{net4}.9", *([f"{net6}:9"] if v6 else [])]
+    # in the kernel's own spelling ("056e" is "56e"), as recvfrom reports them
+    mine = [f"{net4}.2", *([str(ipaddress.ip_address(f"{net6}:2"))] if v6 else [])]
+    spoofed = [f"{net4}.9", *([str(ipaddress.ip_address(f"{net6}:9"))] if v6 else [])]
     vctx(net_home, "create", name, "-t", "bb", "--network", "netns", *(x for a in mine for x in ("--ip", a)))
     vctx(net_home, "boot", name)
+    servers: list[socket.socket] = []
     try:
         host_if = json.loads(vctx(net_home, "status", name, "--json").stdout)["net"]["host_interface"]
         init = running(name)
         assert init is not None
         scope = socket.if_nametoindex(host_if)
-        servers = []
         for family, gw in ((socket.AF_INET, str(netctx.GATEWAY4.ip)), (socket.AF_INET6, str(netctx.GATEWAY6.ip))):
             if family == socket.AF_INET6 and not v6:
                 continue
@@ -489,8 +490,9 @@ for srv, port in {[s.getsockname()[:2] for s in servers]!r}:
             srv.setblocking(False)
             with pytest.raises(BlockingIOError):
                 srv.recvfrom(100)
-            srv.close()
     finally:
+        for srv in servers:
+            srv.close()
         vctx(net_home, "stop", name)
     vctx(net_home, "delete", name)
 
