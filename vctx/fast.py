@@ -152,20 +152,15 @@ def _parse_boot(args: list[str]) -> tuple[str, bool, float] | None:
     if not args or args[0] not in ("boot", "start"):
         return None
     names: list[str] = []
-    wait, timeout, rest = False, 120.0, args[1:]
-    while rest:
-        a, rest = rest[0], rest[1:]
+    wait, timeout = False, 120.0
+    rest = iter(args[1:])
+    for a in rest:
         if a == "--wait":
             wait = True
         elif a == "--timeout" or a.startswith("--timeout="):
-            if a == "--timeout":
-                if not rest:
-                    return None
-                a, rest = rest[0], rest[1:]
-            else:
-                a = a.partition("=")[2]
+            value = next(rest, "") if a == "--timeout" else a.partition("=")[2]
             try:
-                timeout = float(a)
+                timeout = float(value)
             except ValueError:
                 return None  # the full command line says what is wrong
         elif a == "--":

@@ -28,9 +28,9 @@ import logging
 import os
 import resource
 import signal
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -200,33 +200,10 @@ def close_log(lg: logging.Logger) -> None:
         h.close()
 
 
-class _Scan:
-    """cowfs.daemon.scanned_tree in a thread of its own."""
-
-    def __init__(self, backing: str, opts: MountOptions, lru: Lru | None) -> None:
-        self.tree: CowTree | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(backing, opts, lru), name="scan", daemon=True)
-        self.thread.start()
-
-    def _run(self, backing: str, opts: MountOptions, lru: Lru | None) -> None:
-        try:
-            self.tree = scanned_tree(backing, opts, lru)
-        except BaseException as e:  # handed to result()
-            self.error = e
-
-    def result(self) -> CowTree:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        assert self.tree is not None
-        return self.tree
-
-    def drop(self) -> None:
-        """The boot failed first: close what the scan opened."""
-        self.thread.join()
-        if self.tree is not None:
-            self.tree.destroy()
+def _drop(scan: Future[CowTree]) -> None:
+    """The boot failed before the scanned tree was served: close what it opened."""
+    if scan.exception() is None:  # (waits for the scan to end)
+        scan.result().destroy()
 
 
 class Monitor:
@@ -287,7 +264,11 @@ class Monitor:
         # The tree's scan (Python, ~20 ms for a Debian tree) runs while this
         # thread waits in the kernel: the first move into a cgroup waits out
         # an RCU grace period (~13 ms here), the BPF programs load.
-        scan = _Scan(str(self.g.rootfs), opts, self.lru) if cfg.root == "cowfs" else None
+        scan: Future[CowTree] | None = None
+        if cfg.root == "cowfs":
+            pool = ThreadPoolExecutor(1, thread_name_prefix="scan")
+            scan = pool.submit(scanned_tree, str(self.g.rootfs), opts, self.lru)
+            pool.shutdown(wait=False)  # its one thread ends with the scan
         try:
             self.launcher = self.launch_via(self.spec, self.net, [to_c_r, from_c_w, err_w])
             self.launcher_fd = os.pidfd_open(self.launcher)
@@ -295,7 +276,7 @@ class Monitor:
             for fd in (self.to_c, self.from_c, self.err_r, self.master):
                 os.close(fd)
             if scan is not None:
-                scan.drop()
+                _drop(scan)
             raise
         finally:
             for fd in (to_c_r, from_c_w, err_w, slave):
@@ -312,7 +293,7 @@ class Monitor:
             self.t_prepared = time.monotonic()
         except BaseException:
             if scan is not None:
-                scan.drop()
+                _drop(scan)
             signal.pidfd_send_signal(self.launcher_fd, signal.SIGKILL)
             for fd in (self.to_c, self.from_c, self.err_r, self.master, self.launcher_fd):
                 os.close(fd)
