@@ -606,7 +606,11 @@ class CowTree:
         gid: int | None = None,
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
+        kill_suidgid: bool = False,
     ) -> os.stat_result:
+        """kill_suidgid: the caller may not keep setuid/setgid across this
+        truncate or chown (the kernel decides; our own calls as root would
+        keep them)."""
         node = self.node(ino)
         buid = None if uid is None else self.idmap.uid_in(uid)
         bgid = None if gid is None else self.idmap.gid_in(gid)
@@ -625,9 +629,23 @@ class CowTree:
             chown_fd(node.fd, -1 if buid is None else buid, -1 if bgid is None else bgid)
         if mode is not None and node.kind != stat.S_IFLNK:
             os.chmod(proc_fd(node.fd), stat.S_IMODE(mode))
+        elif kill_suidgid:
+            self._kill_suidgid(node)
         if atime_ns is not None or mtime_ns is not None:
             utimens_fd(node.fd, atime_ns, mtime_ns)
         return os.fstat(node.fd)
+
+    @staticmethod
+    def _kill_suidgid(node: Node) -> None:
+        """What the kernel does to a file written, truncated or given away
+        by someone without CAP_FSETID: setuid goes, and setgid where it means
+        setgid (group-executable; without it, it marks mandatory locking)."""
+        if node.kind != stat.S_IFREG:
+            return
+        mode = os.fstat(node.fd).st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            os.chmod(proc_fd(node.fd), stat.S_IMODE(mode) & ~kill)
 
     # -- file data ------------------------------------------------------
 
@@ -645,9 +663,11 @@ class CowTree:
     def read(self, ino: int, off: int, size: int) -> bytes:
         return os.pread(self.io(self.node(ino), False), size, off)
 
-    async def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
+    async def write(self, ino: int, off: int, data: bytes | memoryview, kill_suidgid: bool = False) -> int:
         node = self.node(ino)
         await self.make_private(node)
+        if kill_suidgid:
+            self._kill_suidgid(node)
         return os.pwrite(self.io(node, True), data, off)
 
     async def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:

@@ -315,6 +315,84 @@ def test_file_capabilities_belong_to_the_guests_root(
     assert "security.capability" not in os.listxattr(template / "bin/true")  # the template kept its own
 
 
+def _as_user(uid: int, action: Callable[[], None]) -> None:
+    """Run action in a child that has dropped to uid (no CAP_FSETID)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_setid_bits_and_capabilities_are_dropped_as_the_kernel_drops_them(
+    mount_guest: Callable[..., Guest], template: Path, tmp_path: Path
+) -> None:
+    """cowfs clears setuid/setgid and file capabilities itself (the kernel
+    leaves it to the server: HANDLE_KILLPRIV_V2).  Each case runs on the
+    mount and on the host's own filesystem; the results must agree.  A
+    shared template file loses its bits in the guest's copy only."""
+    caps = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
+    shared = template / "etc/setuid-shared"
+    shared.write_bytes(b"template")
+    os.chown(shared, 1000, 1000)
+    shared.chmod(0o6775)
+    cowfs("attr", "set", "--iunlink", str(shared))
+    g = mount_guest()
+    native = tmp_path / "native"
+    native.mkdir()
+
+    def user_write(fd: int) -> Callable[[], None]:
+        return lambda: os.pwrite(fd, b"x", 0) and None
+
+    def user_truncate(fd: int) -> Callable[[], None]:
+        return lambda: os.ftruncate(fd, 1)
+
+    cases: list[tuple[str, int, bool, Callable[[int, Path], None]]] = [
+        ("user writes", 0o6775, False, lambda fd, p: _as_user(1000, user_write(fd))),
+        ("user writes, setgid without group x", 0o2664, False, lambda fd, p: _as_user(1000, user_write(fd))),
+        ("user truncates", 0o6775, False, lambda fd, p: _as_user(1000, user_truncate(fd))),
+        ("root writes", 0o6775, False, lambda fd, p: os.pwrite(fd, b"x", 0) and None),
+        ("root truncates", 0o6775, False, lambda fd, p: os.ftruncate(fd, 1)),
+        ("root chowns", 0o6775, False, lambda fd, p: os.chown(p, 1001, 1001)),
+        ("root chowns, setgid without group x", 0o2664, False, lambda fd, p: os.chown(p, 1001, 1001)),
+        ("user writes a file with capabilities", 0o755, True, lambda fd, p: _as_user(1000, user_write(fd))),
+        ("root chowns a file with capabilities", 0o755, True, lambda fd, p: os.chown(p, 1001, 1001)),
+    ]
+    for i, (what, mode, with_caps, act) in enumerate(cases):
+        seen = []
+        for d in (g.mnt / "etc", native):
+            p = d / f"case{i}"
+            p.write_bytes(b"data")
+            os.chown(p, 1000, 1000)
+            p.chmod(mode)
+            if with_caps:
+                os.setxattr(p, "security.capability", caps)
+            fd = os.open(p, os.O_RDWR)
+            try:
+                act(fd, p)
+                for _ in range(2):  # a second write: the kernel may have stopped asking
+                    act(fd, p)
+            finally:
+                os.close(fd)
+            seen.append((oct(p.stat().st_mode), "security.capability" in os.listxattr(p)))
+        assert seen[0] == seen[1], f"{what}: cowfs {seen[0]}, native {seen[1]}"
+
+    fd = os.open(g.mnt / "etc/setuid-shared", os.O_RDWR)
+    try:
+        _as_user(1000, user_write(fd))
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE((g.mnt / "etc/setuid-shared").stat().st_mode) == 0o775
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o6775 and shared.read_bytes() == b"template"
+
+
 def test_attr_commands(template: Path) -> None:
     cowfs("attr", "clear", "--iunlink", "-R", str(template))
     out = cowfs("attr", "show", "-R", str(template)).stdout
