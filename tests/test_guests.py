@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -599,3 +600,61 @@ def test_seccomp_refuses_what_no_guest_needs(debian_home: Path) -> None:
         if state(name) is not None:
             vctx(debian_home, "stop", name, check=False)
         vctx(debian_home, "delete", name, check=False)
+
+
+def test_autostart_boots_marked_guests_and_stop_all_stops_every_guest(bb_home: Path, tmp_path: Path) -> None:
+    """The host's boot and shutdown (vctx.service): marked guests come up,
+    one that cannot boot is reported without holding the others back, and
+    `stop --all` leaves nothing of any guest."""
+    tag = secrets.token_hex(2)
+    a, b, c, broken = (f"as-{x}-{tag}" for x in "abcd")
+    vctx(bb_home, "create", a, "-t", "bb", "--autostart")
+    for n in (b, c, broken):
+        vctx(bb_home, "create", n, "-t", "bb")
+    try:
+        vctx(bb_home, "set", c, "autostart=yes")
+        assert json.loads(vctx(bb_home, "status", c, "--json", check=False).stdout)["autostart"] is True
+        assert "autostart: expected yes or no" in fails(bb_home, 25, "set", b, "autostart=maybe")
+        # a marked guest whose limits this host cannot apply (CPU 99 does not exist)
+        vctx(bb_home, "set", broken, "autostart=yes", "cpuset=99")
+
+        res = vctx(bb_home, "boot", "--autostart", check=False)
+        assert res.returncode == 1, res.stderr
+        assert f"{a}: booted" in res.stdout and f"{c}: booted" in res.stdout
+        assert broken in res.stderr and "Traceback" not in res.stderr
+        assert state(a) is not None and state(c) is not None
+        assert state(b) is None and state(broken) is None
+        nothing_left(broken, [])
+
+        vctx(bb_home, "set", broken, "autostart=no")
+        again = vctx(bb_home, "boot", "--autostart")
+        assert f"{a}: already running" in again.stdout
+        assert "give no NAME" in fails(bb_home, 2, "boot", a, "--autostart")
+
+        vctx(bb_home, "boot", b)
+        pids = [int(str(state(n)["init"])) for n in (a, b, c)]  # type: ignore[index]
+        out = vctx(bb_home, "stop", "--all", "--timeout", "10").stdout
+        assert all(f"{n}: stopped" in out for n in (a, b, c)), out
+        for n in (a, b, c):
+            nothing_left(n, pids)
+        assert vctx(bb_home, "stop", "--all").stdout == ""  # nothing running: nothing to do, and no error
+    finally:
+        for n in (a, b, c, broken):
+            if state(n) is not None:
+                vctx(bb_home, "stop", n, "--timeout", "10", check=False)
+            vctx(bb_home, "delete", n, check=False)
+
+
+def test_systemd_unit_verifies(bb_home: Path, tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    require(analyze is not None, "needs systemd-analyze (package systemd)")
+    text = vctx(bb_home, "unit", "--stop-timeout", "90").stdout
+    unit = tmp_path / "vctx.service"
+    unit.write_text(text)
+    res = subprocess.run([str(analyze), "verify", str(unit)], capture_output=True, text=True)
+    assert res.returncode == 0 and "ignoring" not in res.stderr and "Unknown" not in res.stderr, res.stderr
+    execs = dict(line.split("=", 1) for line in text.splitlines() if line.startswith(("ExecStart=", "ExecStop=")))
+    start, stop = execs["ExecStart"].split(), execs["ExecStop"].split()
+    assert os.access(start[0], os.X_OK) and start[1:] == ["boot", "--autostart"]
+    assert stop[1:] == ["stop", "--all", "--timeout", "90"]
+    assert f"Environment=VCTX_HOME={bb_home}" in text

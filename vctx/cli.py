@@ -207,6 +207,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 @click.option(
     "--network", type=click.Choice(["isolated", "netns", "none", "host"]), default="isolated", show_default=True
 )
+@click.option("--autostart", is_flag=True, help="Boot it with the host (vctx unit).")
 @click.option(
     "--root",
     type=click.Choice(["cowfs", "plain"]),
@@ -225,10 +226,13 @@ def create(
     interface: str,
     network: str,
     root: str,
+    autostart: bool,
 ) -> None:
     """Create guest NAME as a copy-on-write clone of a template."""
     net = Net(mode=network, ip=[a for x in ips for a in x.split(",") if a], interface=interface)
-    g = guests.create(_home(ctx), name, template_name, init=init, hostname=hostname, net=net, root=root)
+    g = guests.create(
+        _home(ctx), name, template_name, init=init, hostname=hostname, net=net, root=root, autostart=autostart
+    )
     base = g.cfg.id_base
     how = "" if root == "cowfs" else ", a plain copy"
     click.echo(f"created guest {g.name} from {template_name} (ids {base}-{base + g.cfg.id_size - 1}{how})")
@@ -250,6 +254,7 @@ def delete(ctx: click.Context, name: str) -> None:
 def set_cmd(ctx: click.Context, name: str, assignments: tuple[str, ...]) -> None:
     """Change guest NAME's config: memory=512M cpus=1.5 pids=512 hostname=...
     ip=ADDR,ADDR interface=DEV network=MODE allow_syscalls=NAME,NAME
+    autostart=yes|no
 
     Limits, and an isolated guest's addresses, take effect at once on a
     running guest; the rest at its next boot.
@@ -271,14 +276,29 @@ def set_cmd(ctx: click.Context, name: str, assignments: tuple[str, ...]) -> None
 
 
 @main.command(name="boot")
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--wait", is_flag=True, help="Return once systemd reports the system running (or degraded).")
 @click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option("--autostart", is_flag=True, help="Instead of NAME: every guest with autostart = true (host boot).")
 @click.pass_context
-def boot_cmd(ctx: click.Context, name: str, wait: bool, timeout: float) -> None:
+def boot_cmd(ctx: click.Context, name: str | None, wait: bool, timeout: float, autostart: bool) -> None:
     """Boot guest NAME: mount its tree, start its init in a new context."""
     from . import runtime
 
+    if autostart:
+        if name is not None or wait:
+            raise errors.UsageError("--autostart boots the marked guests: give no NAME (and no --wait)")
+        from .autostart import boot_marked
+
+        failed = 0
+        for guest_name, what, ok in boot_marked(_home(ctx)):
+            click.echo(f"{guest_name}: {what}", err=not ok)
+            failed += not ok
+        if failed:
+            raise errors.VctxError(f"{failed} guest(s) marked autostart did not boot")
+        return
+    if name is None:
+        raise errors.UsageError("which guest? (vctx boot NAME, or --autostart)")
     r = runtime.boot(_home(ctx), name)
     click.echo(f"booted {name}: init pid {r.init}, monitor pid {r.monitor}")
     if wait and r.style == "systemd":
@@ -292,13 +312,27 @@ main.add_command(boot_cmd, name="start")
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds for a clean shutdown.")
+@click.option("--all", "every", is_flag=True, help="Instead of NAME: every running guest, in parallel (host shutdown).")
 @click.pass_context
-def stop(ctx: click.Context, name: str, timeout: float) -> None:
+def stop(ctx: click.Context, name: str | None, timeout: float, every: bool) -> None:
     """Shut guest NAME down; kill what remains; verify nothing is left."""
     from . import runtime
 
+    if every:
+        if name is not None:
+            raise errors.UsageError("--all stops every running guest: give no NAME")
+        from .autostart import stop_all
+
+        def report(guest_name: str, what: str, ok: bool) -> None:
+            click.echo(f"{guest_name}: {what}", err=not ok)
+
+        if not stop_all(_home(ctx), timeout, report):
+            raise errors.VctxError("some guests did not stop")
+        return
+    if name is None:
+        raise errors.UsageError("which guest? (vctx stop NAME, or --all)")
     runtime.stop(_home(ctx), name, timeout)
     click.echo(f"stopped {name}")
 
@@ -389,6 +423,7 @@ def _guest_rows(home: Home, names: list[str]) -> list[dict[str, Any]]:
             "status": "running" if r else "stopped",
             "init": g.cfg.init,
             "template": g.cfg.template,
+            "autostart": g.cfg.autostart,
             "network": g.cfg.net.mode,
             "ip": g.cfg.net.ip,
             "net": netctx.plan(g.cfg).describe(),
@@ -470,7 +505,9 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
         click.echo(json.dumps(row))
     else:
         click.echo(
-            f"{name}: {row['status']}" + (f", {row['proc']} processes, up {_dur(row['uptime'])}" if row["proc"] else "")
+            f"{name}: {row['status']}"
+            + (f", {row['proc']} processes, up {_dur(row['uptime'])}" if row["proc"] else "")
+            + (", boots with the host" if row["autostart"] else "")
         )
         net = row["net"]
         extra = "".join(
@@ -512,6 +549,26 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     table: list[tuple[str, ...]] = [("PID", "GUEST", "UID", "COMMAND")]
     table += [(str(r["pid"]), r["guest"], str(r["uid"]), r["command"][:100]) for r in rows]
     _table(table)
+
+
+@main.command()
+@click.option("--install", is_flag=True, help="Write it to /etc/systemd/system/vctx.service.")
+@click.option(
+    "--stop-timeout", type=float, default=60.0, show_default=True, help="Seconds each guest gets to shut down."
+)
+@click.pass_context
+def unit(ctx: click.Context, install: bool, stop_timeout: float) -> None:
+    """The systemd unit that boots autostart guests with the host and stops
+    every guest before it goes down.  Printed, or installed with --install."""
+    from .autostart import UNIT_PATH, install_unit
+    from .autostart import unit as make_unit
+
+    text = make_unit(_home(ctx), stop_timeout)
+    if not install:
+        click.echo(text, nl=False)
+        return
+    install_unit(text)
+    click.echo(f"wrote {UNIT_PATH}; now: systemctl daemon-reload && systemctl enable vctx")
 
 
 @main.group(cls=_Group)

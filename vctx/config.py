@@ -147,6 +147,16 @@ RLIMITS = {
 }  # fmt: skip
 
 
+def parse_bool(value: str, key: str) -> bool:
+    """yes/no, true/false, on/off, 1/0, as `vctx set` takes them."""
+    v = value.strip().lower()
+    if v in ("yes", "true", "on", "1"):
+        return True
+    if v in ("no", "false", "off", "0", ""):
+        return False
+    raise errors.BadConfig(f"{key}: expected yes or no, got {value!r}")
+
+
 def parse_rlimit(name: str, value: object) -> tuple[int, int]:
     """4096, "1024:4096", "unlimited" -> (soft, hard); sizes may be written 8M."""
     if name not in RLIMITS:
@@ -184,6 +194,7 @@ class GuestConfig:
     rlimits: dict[str, str | int] = field(default_factory=dict)
     root: str = "cowfs"
     allow_syscalls: list[str] = field(default_factory=list)  # of those seccomp.py refuses; from the next boot
+    autostart: bool = False  # booted by `vctx boot --autostart` (the host's vctx.service)
     version: int = VERSION
 
     def check(self) -> None:
@@ -200,6 +211,8 @@ class GuestConfig:
             raise errors.BadConfig(f"id_base: {self.id_base!r} is not a usable id range start")
         if not self.hostname:
             self.hostname = self.name
+        if not isinstance(self.autostart, bool):
+            raise errors.BadConfig(f"autostart: expected true or false, got {self.autostart!r}")
         self.limits.check()
         self.net.check()
         if not isinstance(self.rlimits, dict):

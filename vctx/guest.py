@@ -66,6 +66,7 @@ def create(
     hostname: str | None = None,
     net: config.Net | None = None,
     root: str = "cowfs",
+    autostart: bool = False,
 ) -> Guest:
     """A new guest's tree from the template (links to it, or a private copy
     for root = "plain") and its config."""
@@ -83,6 +84,7 @@ def create(
             hostname=hostname or name,
             net=net or config.Net(),
             root=root,
+            autostart=autostart,
         )
         cfg.check()
         _check_addresses(home, cfg)
@@ -196,6 +198,8 @@ def set_keys(
                 cfg.allow_syscalls = [x for x in value.split(",") if x]
             elif key == "hostname":
                 cfg.hostname = value
+            elif key == "autostart":
+                cfg.autostart = config.parse_bool(value, key)
             elif key == "init":
                 cfg.init = value
             elif key == "command":
