@@ -28,6 +28,7 @@ from .sys import mount as sys_mount
 from .sys import raise_nofile_limit, umount
 
 if TYPE_CHECKING:
+    from .fuse import Session
     from .model import CowTree, Lru
 
 
@@ -256,6 +257,7 @@ class Served:
         from .fs import CowFS
 
         self.backing, self.mountpoint = backing, mountpoint
+        self.session: Session | None = None
         self.tree = tree if tree is not None else scanned_tree(backing, opts, lru)
         self.fs = CowFS(self.tree)
         try:
@@ -284,7 +286,9 @@ class Served:
         from .fs import INIT_FLAGS
         from .fuse import Session
 
-        session = Session(self.fuse_fd, self.fs.handlers(), self.fs.slow(), INIT_FLAGS)
+        session = self.session = Session(
+            self.fuse_fd, self.fs.handlers(), self.fs.slow(), INIT_FLAGS, self.tree.fds.lru.lock
+        )
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
@@ -296,17 +300,31 @@ class Served:
 
             async def with_companion() -> None:
                 assert companion is not None
-                await companion()
-                umount(self.mountpoint, lazy=True)
+                try:
+                    await companion()
+                finally:
+                    umount(self.mountpoint, lazy=True)
 
             if on_signals:
                 nursery.start_soon(on_signal)
             if companion is not None:
                 nursery.start_soon(with_companion)
-            await session.serve()
+            # The mount is served by a thread of its own, off trio's loop
+            # (tasks.py says why); it ends when the kernel ends the mount.
+            # Its own limiter: trio's default allows 40 threads in all, and
+            # vctxd serves a mount per guest.
+            try:
+                await trio.to_thread.run_sync(session.serve, limiter=trio.CapacityLimiter(1), abandon_on_cancel=True)
+            finally:
+                if not session.finished.is_set():  # cancelled: the thread must be gone before close()
+                    session.stop()
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(session.finished.wait, limiter=trio.CapacityLimiter(1))
             nursery.cancel_scope.cancel()
 
     def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
         self.tree.destroy()
         os.close(self.fuse_fd)
         if self.state is not None:

@@ -1,4 +1,4 @@
-"""The FUSE kernel protocol on /dev/fuse, served from a trio loop.
+"""The FUSE kernel protocol on /dev/fuse, served by a thread of its own.
 
 Why not a binding: the levers that keep Python off the hot path are
 negotiated in INIT and in how OPEN and OPENDIR are answered.  Answering them
@@ -17,13 +17,17 @@ return the reply payload, or raise OSError; an errno goes back to the caller.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
+import select
 import struct
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
-import trio
+from .tasks import Scheduler
 
 log = logging.getLogger("cowfs")
 
@@ -148,16 +152,17 @@ def pad8(n: int) -> int:
 
 
 Handler = Callable[[Request, memoryview], bytes | None]
-AsyncHandler = Callable[[Request, memoryview], Awaitable[bytes | None]]
+AsyncHandler = Callable[[Request, memoryview], Coroutine[Any, Any, bytes | None]]
 
 
 class Session:
     """One mounted FUSE connection: reads requests, dispatches, replies.
 
-    Synchronous handlers run inline, one request at a time: they never
-    schedule, so each is atomic.  A handler that may block (a link break
-    copies data in a thread) is given to `slow`, which decides per request
-    whether it must run as its own task.
+    serve() blocks the thread it runs in: epoll on /dev/fuse, and each
+    request answered inline, holding the model's lock, one at a time, so
+    each handler is atomic.  A handler that may block (a link break copies
+    data in a thread) is given to `slow`, which decides per request whether
+    it must run as a coroutine on the scheduler (tasks.py).
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class Session:
         handlers: dict[int, Handler],
         slow: dict[int, tuple[Callable[[Request, memoryview], bool], AsyncHandler]],
         init_flags: int,
+        lock: threading.Lock | None = None,
     ) -> None:
         self.fd = fd
         self.handlers = handlers
@@ -174,6 +180,10 @@ class Session:
         self.proto_minor = 0
         self.flags = 0
         self.destroyed = False
+        self.lock = lock if lock is not None else threading.Lock()
+        self.sched = Scheduler()
+        self.stopping = False
+        self.finished = threading.Event()  # serve() has returned
 
     # -- replies --------------------------------------------------------
 
@@ -233,7 +243,7 @@ class Session:
             *([0] * 7),
         )
 
-    def _dispatch(self, nursery: trio.Nursery, data: bytes) -> None:
+    def _dispatch(self, data: bytes) -> None:
         body = memoryview(data)
         _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = IN_HEADER.unpack_from(body)
         req = Request(opcode, unique, nodeid, uid, gid, pid)
@@ -247,7 +257,8 @@ class Session:
             return
         slow = self.slow.get(opcode)
         if slow is not None and slow[0](req, body):
-            nursery.start_soon(self._run_async, req, bytes(body), slow[1])
+            # the request's buffer is not ours past this call: the coroutine gets a copy
+            self.sched.spawn(slow[1](req, memoryview(bytes(body))), functools.partial(self._finish, req))
             return
         handler = self.handlers.get(opcode)
         if handler is None:
@@ -266,23 +277,36 @@ class Session:
         if req.opcode not in NO_REPLY:
             self.reply(req.unique, out or b"")
 
-    async def _run_async(self, req: Request, body: bytes, handler: AsyncHandler) -> None:
-        try:
-            out = await handler(req, memoryview(body))
-        except OSError as e:
-            self.reply_err(req.unique, e.errno or errno.EIO)
-            return
-        self.reply(req.unique, out or b"")
+    def _finish(self, req: Request, out: object, error: BaseException | None) -> None:
+        """A slow request's coroutine ended."""
+        if error is None:
+            assert out is None or isinstance(out, bytes)
+            self.reply(req.unique, out or b"")
+        elif isinstance(error, OSError):
+            self.reply_err(req.unique, error.errno or errno.EIO)
+        else:
+            self.reply_err(req.unique, errno.EIO)
+            raise error  # a bug: stays loud
 
-    async def serve(self) -> None:
-        """Until the kernel says the mount is gone (ENODEV) or DESTROY."""
+    def serve(self) -> None:
+        """Until the kernel says the mount is gone (ENODEV) or DESTROY; then
+        the slow requests still in flight are finished (their replies go
+        nowhere, but a copy half-installed is not left behind)."""
         os.set_blocking(self.fd, False)
-        async with trio.open_nursery() as nursery:
-            while not self.destroyed:
+        ep = select.epoll()
+        ep.register(self.fd, select.EPOLLIN)
+        ep.register(self.sched.wake_fd, select.EPOLLIN)
+        sched = self.sched
+        try:
+            while not self.destroyed and not self.stopping:
                 try:
                     data = os.read(self.fd, BUFSIZE)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self.fd)
+                    if not sched.finished:
+                        ep.poll()
+                    if sched.in_flight:
+                        with self.lock:
+                            sched.collect()
                     continue
                 except OSError as e:
                     if e.errno == errno.ENODEV:  # unmounted
@@ -297,7 +321,27 @@ class Session:
                     # before any decoding.
                     self._write(_ENOTTY_HEAD + data[8:16])
                     continue
-                self._dispatch(nursery, data)
-                if nursery.child_tasks:  # let slow requests' tasks make progress
-                    await trio.sleep(0)
-            nursery.cancel_scope.cancel()
+                with self.lock:
+                    self._dispatch(data)
+                    if sched.finished or sched.ready:  # let slow requests make progress
+                        sched.collect()
+            ep.unregister(self.fd)
+            while sched.in_flight:
+                ep.poll()
+                with self.lock:
+                    sched.collect()
+        finally:
+            ep.close()
+            sched.shutdown()
+            self.finished.set()
+
+    def stop(self) -> None:
+        """From another thread: make serve() return (after what is in
+        flight) though the mount is still there.  Closing the /dev/fuse fd
+        afterwards ends the connection: its users then get ENOTCONN."""
+        self.stopping = True
+        self.sched.wake()
+
+    def close(self) -> None:
+        """After serve() has returned."""
+        self.sched.close()

@@ -10,10 +10,11 @@ O_NOFOLLOW, relative to a directory fd).  FUSE inode numbers are ours: a link
 break swaps the backing inode under a Node while the guest keeps its number.
 
 Concurrency.  Everything that changes the tables is plain ``def`` — no
-schedule point inside — so handlers are atomic under trio.  The one long
-operation, copying a file's data to break a link, runs in a worker thread
-while the Node's lock is held, so two writers of one shared file cause one
-copy.
+schedule point inside — and runs holding the model's lock (`Lru.lock`,
+shared by every tree one daemon serves), so handlers are atomic.  The one
+long operation, copying a file's data to break a link, runs in a worker
+thread (tasks.py) while the Node's lock is held, so two writers of one
+shared file cause one copy.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import trio
 
 from . import breaking, mark
 from .idmap import ACL_XATTRS, CAPS_XATTR, IdMap
@@ -41,6 +41,7 @@ from .sys import (
     renameat2,
     utimens_fd,
 )
+from .tasks import Lock, to_thread
 
 ROOT = 1
 # Inode numbers we hand out when the backing number is taken: above any
@@ -62,6 +63,9 @@ class Lru:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.nodes: OrderedDict[int, Node] = OrderedDict()
+        # The model's lock: each mount is served by a thread of its own, and
+        # evicting one tree's fd must not race with another tree's request.
+        self.lock = threading.Lock()
 
 
 class FdCache:
@@ -129,17 +133,17 @@ class Node:
     # Directories: the listing readdir offsets index, taken at offset 0 and
     # dropped whenever we change the directory.
     listing: list[tuple[bytes, int]] | None = None  # (name, d_ino)
-    _lock: trio.Lock | None = None
+    _lock: Lock | None = None
     handle: bytes | None = None  # to reopen the inode after eviction
     cache: FdCache | None = None
     busy: bool = False  # a link break holds its fds across an await
     pinned: bool = False  # never evicted: the root, or no handle can be had
 
     @property
-    def lock(self) -> trio.Lock:
+    def lock(self) -> Lock:
         """Serialises link breaks of this inode; made on first need."""
         if self._lock is None:
-            self._lock = trio.Lock()
+            self._lock = Lock()
         return self._lock
 
     @property
@@ -437,7 +441,7 @@ class CowTree:
         try:
             # An open but unlinked file has no name: the copy stays anonymous.
             where = targets[0][0] if targets else self.nodes[ROOT].fd  # the root is pinned
-            tmp = await trio.to_thread.run_sync(breaking.make_copy, where, node.fd)
+            tmp = await to_thread(breaking.make_copy, where, node.fd)
             try:
                 for dir_fd, name in targets:
                     breaking.install(tmp, dir_fd, name)

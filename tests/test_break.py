@@ -279,7 +279,17 @@ def test_killing_the_daemon_mid_break_loses_nothing(mount_guest: Callable[..., G
     writer = subprocess.Popen(["sh", "-c", f"echo x >> {g.mnt}/usr/lib/big.img"])
     # Wait until the daemon holds its anonymous copy open, then kill it.
     fd_dir = Path(f"/proc/{pid}/fd")
-    while not any("(deleted)" in os.readlink(fd_dir / n) for n in os.listdir(fd_dir) if (fd_dir / n).is_symlink()):
+
+    def holds_a_copy() -> bool:
+        for n in os.listdir(fd_dir):
+            try:
+                if "(deleted)" in os.readlink(fd_dir / n):
+                    return True
+            except FileNotFoundError:  # closed since the listing
+                continue
+        return False
+
+    while not holds_a_copy():
         assert writer.poll() is None, "the break finished before the daemon could be killed"
     os.kill(pid, signal.SIGKILL)
     writer.wait()
