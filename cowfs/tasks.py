@@ -117,6 +117,8 @@ class Scheduler:
         elif isinstance(awaited, _Acquire):
             awaited.lock.waiters.append(task)
         else:
+            self.in_flight -= 1
+            task.coro.close()
             raise RuntimeError(f"a cowfs task awaited {awaited!r}, which only trio knows")
 
     def _work(self, task: _Task, job: _Offload) -> None:
