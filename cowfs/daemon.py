@@ -20,6 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from . import errors
@@ -276,41 +277,50 @@ class Served:
             tmp.rename(self.state)
         log.info("serving %s on %s (%d temporaries cleaned)", backing, mountpoint, self.tree.stats.temps_removed)
 
-    async def serve(self, companion: Callable[[], Awaitable[None]] | None = None, on_signals: bool = True) -> None:
-        """Serve until unmounted (or, with a companion task, until it returns:
-        then the mount is detached and serving ends when its last user goes).
-        on_signals: SIGTERM/SIGINT detach the mount (a companion may want
-        them for itself).  close() afterwards."""
-        import trio
-
+    def _session(self) -> Session:
         from .fs import INIT_FLAGS
         from .fuse import Session
 
-        session = self.session = Session(
-            self.fuse_fd, self.fs.handlers(), self.fs.slow(), INIT_FLAGS, self.tree.fds.lru.lock
-        )
+        self.session = Session(self.fuse_fd, self.fs.handlers(), self.fs.slow(), INIT_FLAGS, self.tree.fds.lru.lock)
+        return self.session
+
+    def run(self, on_signals: bool = True) -> None:
+        """Serve in this thread until unmounted (the standalone daemon: no
+        trio, whose import would delay the first request by ~50 ms), then
+        close().  on_signals: SIGTERM/SIGINT detach the mount; the kernel
+        then ends the connection once its last user is gone."""
+        session = self._session()
+        before = {}
+        if on_signals:
+
+            def detach(signum: int, frame: FrameType | None) -> None:
+                umount(self.mountpoint, lazy=True)
+
+            before = {sig: signal.signal(sig, detach) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            session.serve()
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+            self.close()
+
+    async def serve(self, companion: Callable[[], Awaitable[None]]) -> None:
+        """Serve, from a thread of its own, while companion runs in the
+        caller's trio loop (vctxd: the guest's supervision); when it returns
+        the mount is detached, and serving ends when its last user goes.
+        close() afterwards."""
+        import trio
+
+        session = self._session()
         async with trio.open_nursery() as nursery:
 
-            async def on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
-                        # Detach; the kernel then ends the connection and serve() returns.
-                        umount(self.mountpoint, lazy=True)
-                        return
-
             async def with_companion() -> None:
-                assert companion is not None
                 try:
                     await companion()
                 finally:
                     umount(self.mountpoint, lazy=True)
 
-            if on_signals:
-                nursery.start_soon(on_signal)
-            if companion is not None:
-                nursery.start_soon(with_companion)
-            # The mount is served by a thread of its own, off trio's loop
-            # (tasks.py says why); it ends when the kernel ends the mount.
+            nursery.start_soon(with_companion)
             # Its own limiter: trio's default allows 40 threads in all, and
             # vctxd serves a mount per guest.
             try:
@@ -330,14 +340,6 @@ class Served:
         if self.state is not None:
             self.state.unlink(missing_ok=True)
         log.info("stopped: %d breaks, %d marks cleared", self.tree.stats.breaks, self.tree.stats.unmarks)
-
-    def run(self, companion: Callable[[], Awaitable[None]] | None = None, on_signals: bool = True) -> None:
-        import trio
-
-        try:
-            trio.run(self.serve, companion, on_signals)
-        finally:
-            self.close()
 
 
 def serve(backing: str, mountpoint: str, opts: MountOptions, ready_fd: int | None) -> None:

@@ -407,7 +407,7 @@ class Monitor:
         task_status.started() once init runs.  Returns halt or reboot."""
         try:
             if self.served is not None:
-                await self.served.serve(lambda: self.supervise(wait_child, task_status), on_signals=False)
+                await self.served.serve(lambda: self.supervise(wait_child, task_status))
             else:  # a plain root: the kernel serves it
                 await self.supervise(wait_child, task_status)
         finally:
