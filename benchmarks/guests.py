@@ -272,8 +272,11 @@ def main() -> None:
         print(f"  with 1 guest: {one / 2**20:.1f} MiB; with {len(names)}: {total / 2**20:.1f} MiB")
         print(f"  per guest: {total / len(names) / 2**20:.2f} MiB (target < 2 MiB)")
         print(f"  each guest past the first adds {(total - one) / (len(names) - 1) / 2**20:.2f} MiB")
-        for n in names:
-            run(VCTX, "stop", n)
+        listed = json.loads(run(VCTX, "list", "--json").stdout)
+        gone = sorted(g["name"] for g in listed if g["name"] in names and g["status"] != "running")
+        if gone:
+            print(f"  ({len(gone)} of {len(names)} had stopped by the end: {', '.join(gone)}; see their console.log)")
+        run(VCTX, "stop", "--all")
     finally:
         for rt, cid in oci:
             subprocess.run([rt, "delete", "-f", cid], capture_output=True)
