@@ -284,19 +284,17 @@ class Served:
         self.session = Session(self.fuse_fd, self.fs.handlers(), self.fs.slow(), INIT_FLAGS, self.tree.fds.lru.lock)
         return self.session
 
-    def run(self, on_signals: bool = True) -> None:
+    def run(self) -> None:
         """Serve in this thread until unmounted (the standalone daemon: no
         trio, whose import would delay the first request by ~50 ms), then
-        close().  on_signals: SIGTERM/SIGINT detach the mount; the kernel
-        then ends the connection once its last user is gone."""
+        close().  SIGTERM/SIGINT detach the mount; the kernel then ends the
+        connection once its last user is gone."""
         session = self._session()
-        before = {}
-        if on_signals:
 
-            def detach(signum: int, frame: FrameType | None) -> None:
-                umount(self.mountpoint, lazy=True)
+        def detach(signum: int, frame: FrameType | None) -> None:
+            umount(self.mountpoint, lazy=True)
 
-            before = {sig: signal.signal(sig, detach) for sig in (signal.SIGTERM, signal.SIGINT)}
+        before = {sig: signal.signal(sig, detach) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             session.serve()
         finally:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -31,24 +31,21 @@ class _Task:
         self.coro, self.done, self.sched = coro, done, sched
 
 
-class _Offload:
+class _Offload(Generic[T]):
     """Awaited: run fn(*args) in a worker thread, resume with its result."""
 
     __slots__ = ("args", "fn")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
         self.fn, self.args = fn, args
 
-    def __await__(self) -> Generator[Any, Any, Any]:
-        return (yield self)
-
-
-def to_thread(fn: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:
-    async def run() -> T:
-        result: T = await _Offload(fn, args)
+    def __await__(self) -> Generator[Any, Any, T]:
+        result: T = yield self
         return result
 
-    return run()
+
+def to_thread(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+    return _Offload(fn, args)
 
 
 class _Acquire:
@@ -121,7 +118,7 @@ class Scheduler:
             task.coro.close()
             raise RuntimeError(f"a cowfs task awaited {awaited!r}, which only trio knows")
 
-    def _work(self, task: _Task, job: _Offload) -> None:
+    def _work(self, task: _Task, job: _Offload[Any]) -> None:
         try:
             outcome: tuple[_Task, object, BaseException | None] = (task, job.fn(*job.args), None)
         except BaseException as e:

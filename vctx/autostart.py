@@ -74,7 +74,7 @@ def stop_all(home: Home, timeout: float, report: Callable[[str, str, bool], None
 
 def vctx_command() -> str:
     """This installation's `vctx`: the script next to the running Python
-    (a venv's bin), else the one on PATH."""
+    (a venv's bin), else the script this process was started as."""
     here = Path(sys.executable).parent / "vctx"
     if here.is_file() and os.access(here, os.X_OK):
         return str(here)
