@@ -164,7 +164,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--idle", type=int, default=50, help="busybox guests for the memory figure")
+    ap.add_argument("--only", choices=("boot", "exec", "memory"), action="append", help="run this part (repeatable)")
     args = ap.parse_args()
+    parts = set(args.only or ("boot", "exec", "memory"))
     if os.geteuid() != 0:
         sys.exit("benchmarks/guests.py: run as root")
     home = Path(tempfile.mkdtemp(prefix="vctx-guests-", dir="/var/tmp"))
@@ -177,106 +179,17 @@ def main() -> None:
         run(VCTX, "create", "deb1", "-t", "deb")
         run(VCTX, "create", "debplain", "-t", "deb", "--root", "plain")
         have_nspawn = shutil.which("systemd-nspawn") is not None
-        if have_nspawn:
+        if have_nspawn and "boot" in parts:
             run("cp", "-a", str(home / "templates/deb/rootfs"), str(home / "nspawn-root"))
         if shutil.which("lxc-start"):
             run("cp", "-a", str(home / "templates/deb/rootfs"), str(home / "lxc-root"))
             lxc = Lxc(home / "lxc", home / "lxc-root")
-
-        print(f"## boot Debian bookworm (systemd) to running ({args.reps} rounds, alternating)")
-        cold = None
-        if stop_idle_daemon():
-            cold = timed(VCTX, "boot", "--wait", "deb1")
-            run(VCTX, "stop", "deb1")
-        boots: dict[str, list[float]] = {"vctx boot --wait": [], "vctx boot --wait, plain root": []}
-        if have_nspawn:
-            boots["systemd-nspawn --boot"] = []
-        if lxc is not None:
-            boots["lxc-start"] = []
-        for _ in range(args.reps):
-            boots["vctx boot --wait"].append(timed(VCTX, "boot", "--wait", "deb1"))
-            run(VCTX, "stop", "deb1")
-            boots["vctx boot --wait, plain root"].append(timed(VCTX, "boot", "--wait", "debplain"))
-            run(VCTX, "stop", "debplain")
-            if have_nspawn:
-                boots["systemd-nspawn --boot"].append(nspawn_boot(home / "nspawn-root"))
-            if lxc is not None:
-                boots["lxc-start"].append(lxc.boot())
-                lxc.stop()
-        if cold is not None:
-            print(f"  {'vctx, first boot (starts vctxd)':<34} {cold * 1000:8.1f} ms")
-        for k, v in boots.items():
-            print(f"  {k:<34} {med(v)}")
-        mine = statistics.median(boots["vctx boot --wait"])
-        for k, v in boots.items():
-            if k != "vctx boot --wait":
-                print(f"  vctx / {k} = {mine / statistics.median(v):.2f}")
-        plain = statistics.median(boots["vctx boot --wait, plain root"])
-        for k in ("systemd-nspawn --boot", "lxc-start"):
-            if k in boots:
-                print(f"  vctx plain root / {k} = {plain / statistics.median(boots[k]):.2f}")
-
-        print(f"\n## exec `true` in a running guest ({args.reps * 10} rounds, alternating)")
-        run(VCTX, "create", "bb1", "-t", "bb")
-        run(VCTX, "boot", "bb1")
-        init = json.loads(run(VCTX, "status", "bb1", "--json").stdout)["init_pid"]
-        execs: dict[str, list[str]] = {
-            "vctx exec": [VCTX, "exec", "bb1", "--", "true"],
-            "nsenter -a": ["nsenter", "-a", "-t", str(init), "true"],
-        }
-        if lxc is not None:
-            lxc.start()
-            until_running(lxc.attach, time.perf_counter())
-            execs["lxc-attach"] = [*lxc.attach, "true"]
-        if shutil.which("crun"):
-            bundle = oci_bundle(home, home / "templates/bb/rootfs")
-            for rt in ("crun", "runc"):
-                if shutil.which(rt):
-                    # the container keeps the stdio it is given: not our pipes
-                    with tempfile.TemporaryFile("w+") as err:
-                        cmd = [rt, "run", "-d", "-b", str(bundle), f"bench-{rt}"]
-                        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-                        if res.returncode != 0:  # crun refuses hybrid cgroup hosts
-                            err.seek(0)
-                            print(f"  ({rt} skipped: {err.read().strip().splitlines()[-1:]})")
-                            continue
-                    oci.append((rt, f"bench-{rt}"))
-                    execs[f"{rt} exec"] = [rt, "exec", f"bench-{rt}", "true"]
-        times: dict[str, list[float]] = {k: [] for k in execs}
-        for _ in range(args.reps * 10):
-            for k, cmd in execs.items():
-                times[k].append(timed(*cmd))
-        for k, v in times.items():
-            print(f"  {k:<34} {med(v)}")
-        mine = statistics.median(times["vctx exec"])
-        for k, v in times.items():
-            if k != "vctx exec":
-                print(f"  vctx exec / {k} = {mine / statistics.median(v):.2f}")
-        run(VCTX, "stop", "bb1")
-        if lxc is not None:
-            lxc.stop()
-
-        print(f"\n## host-side memory of {args.idle} idle busybox guests (vctxd + forker, PSS)")
-        names = [f"idle{i}" for i in range(args.idle)]
-        for n in names:
-            run(VCTX, "create", n, "-t", "bb")
-        run(VCTX, "boot", names[0])
-        d = daemon()
-        assert d is not None
-        one = host_side(d)
-        for n in names[1:]:
-            run(VCTX, "boot", n)
-        d = daemon()
-        assert d is not None
-        total = host_side(d)
-        print(f"  with 1 guest: {one / 2**20:.1f} MiB; with {len(names)}: {total / 2**20:.1f} MiB")
-        print(f"  per guest: {total / len(names) / 2**20:.2f} MiB (target < 2 MiB)")
-        print(f"  each guest past the first adds {(total - one) / (len(names) - 1) / 2**20:.2f} MiB")
-        listed = json.loads(run(VCTX, "list", "--json").stdout)
-        gone = sorted(g["name"] for g in listed if g["name"] in names and g["status"] != "running")
-        if gone:
-            print(f"  ({len(gone)} of {len(names)} had stopped by the end: {', '.join(gone)}; see their console.log)")
-        run(VCTX, "stop", "--all")
+        if "boot" in parts:
+            boot(args.reps, home, have_nspawn, lxc)
+        if "exec" in parts:
+            exec_true(args.reps, home, lxc, oci)
+        if "memory" in parts:
+            memory(args.idle)
     finally:
         for rt, cid in oci:
             subprocess.run([rt, "delete", "-f", cid], capture_output=True)
@@ -285,6 +198,108 @@ def main() -> None:
         for g in (home / "guests").glob("*"):
             subprocess.run([VCTX, "stop", g.name], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None) -> None:
+    print(f"## boot Debian bookworm (systemd) to running ({reps} rounds, alternating)")
+    cold = None
+    if stop_idle_daemon():
+        cold = timed(VCTX, "boot", "--wait", "deb1")
+        run(VCTX, "stop", "deb1")
+    boots: dict[str, list[float]] = {"vctx boot --wait": [], "vctx boot --wait, plain root": []}
+    if have_nspawn:
+        boots["systemd-nspawn --boot"] = []
+    if lxc is not None:
+        boots["lxc-start"] = []
+    for _ in range(reps):
+        boots["vctx boot --wait"].append(timed(VCTX, "boot", "--wait", "deb1"))
+        run(VCTX, "stop", "deb1")
+        boots["vctx boot --wait, plain root"].append(timed(VCTX, "boot", "--wait", "debplain"))
+        run(VCTX, "stop", "debplain")
+        if have_nspawn:
+            boots["systemd-nspawn --boot"].append(nspawn_boot(home / "nspawn-root"))
+        if lxc is not None:
+            boots["lxc-start"].append(lxc.boot())
+            lxc.stop()
+    if cold is not None:
+        print(f"  {'vctx, first boot (starts vctxd)':<34} {cold * 1000:8.1f} ms")
+    for k, v in boots.items():
+        print(f"  {k:<34} {med(v)}")
+    mine = statistics.median(boots["vctx boot --wait"])
+    for k, v in boots.items():
+        if k != "vctx boot --wait":
+            print(f"  vctx / {k} = {mine / statistics.median(v):.2f}")
+    plain = statistics.median(boots["vctx boot --wait, plain root"])
+    for k in ("systemd-nspawn --boot", "lxc-start"):
+        if k in boots:
+            print(f"  vctx plain root / {k} = {plain / statistics.median(boots[k]):.2f}")
+
+
+def exec_true(reps: int, home: Path, lxc: Lxc | None, oci: list[tuple[str, str]]) -> None:
+    """Adds the OCI containers it starts to oci, for the caller to delete."""
+    print(f"\n## exec `true` in a running guest ({reps * 10} rounds, alternating)")
+    run(VCTX, "create", "bb1", "-t", "bb")
+    run(VCTX, "boot", "bb1")
+    init = json.loads(run(VCTX, "status", "bb1", "--json").stdout)["init_pid"]
+    execs: dict[str, list[str]] = {
+        "vctx exec": [VCTX, "exec", "bb1", "--", "true"],
+        "nsenter -a": ["nsenter", "-a", "-t", str(init), "true"],
+    }
+    if lxc is not None:
+        lxc.start()
+        until_running(lxc.attach, time.perf_counter())
+        execs["lxc-attach"] = [*lxc.attach, "true"]
+    if shutil.which("crun"):
+        bundle = oci_bundle(home, home / "templates/bb/rootfs")
+        for rt in ("crun", "runc"):
+            if shutil.which(rt):
+                # the container keeps the stdio it is given: not our pipes
+                with tempfile.TemporaryFile("w+") as err:
+                    cmd = [rt, "run", "-d", "-b", str(bundle), f"bench-{rt}"]
+                    res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                    if res.returncode != 0:  # crun refuses hybrid cgroup hosts
+                        err.seek(0)
+                        print(f"  ({rt} skipped: {err.read().strip().splitlines()[-1:]})")
+                        continue
+                oci.append((rt, f"bench-{rt}"))
+                execs[f"{rt} exec"] = [rt, "exec", f"bench-{rt}", "true"]
+    times: dict[str, list[float]] = {k: [] for k in execs}
+    for _ in range(reps * 10):
+        for k, cmd in execs.items():
+            times[k].append(timed(*cmd))
+    for k, v in times.items():
+        print(f"  {k:<34} {med(v)}")
+    mine = statistics.median(times["vctx exec"])
+    for k, v in times.items():
+        if k != "vctx exec":
+            print(f"  vctx exec / {k} = {mine / statistics.median(v):.2f}")
+    run(VCTX, "stop", "bb1")
+    if lxc is not None:
+        lxc.stop()
+
+
+def memory(idle: int) -> None:
+    print(f"\n## host-side memory of {idle} idle busybox guests (vctxd + forker, PSS)")
+    names = [f"idle{i}" for i in range(idle)]
+    for n in names:
+        run(VCTX, "create", n, "-t", "bb")
+    run(VCTX, "boot", names[0])
+    d = daemon()
+    assert d is not None
+    one = host_side(d)
+    for n in names[1:]:
+        run(VCTX, "boot", n)
+    d = daemon()
+    assert d is not None
+    total = host_side(d)
+    print(f"  with 1 guest: {one / 2**20:.1f} MiB; with {len(names)}: {total / 2**20:.1f} MiB")
+    print(f"  per guest: {total / len(names) / 2**20:.2f} MiB (target < 2 MiB)")
+    print(f"  each guest past the first adds {(total - one) / (len(names) - 1) / 2**20:.2f} MiB")
+    listed = json.loads(run(VCTX, "list", "--json").stdout)
+    gone = sorted(g["name"] for g in listed if g["name"] in names and g["status"] != "running")
+    if gone:
+        print(f"  ({len(gone)} of {len(names)} had stopped by the end: {', '.join(gone)}; see their console.log)")
+    run(VCTX, "stop", "--all")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,19 @@ def _parse_clone(args: list[str]) -> tuple[str, str, bool, int] | None:
     return pos[0], pos[1], as_json, jobs
 
 
+def full() -> None:
+    """Make site-packages importable, if the launcher tools/setup installs
+    started us without site (-S, as vctx/fast.py explains)."""
+    if sys.flags.no_site:
+        import site
+
+        site.main()
+
+
 def entry() -> None:
     parsed = _parse_clone(sys.argv[1:])
     if parsed is None:
+        full()
         from .cli import main
 
         main()

@@ -186,6 +186,44 @@ def test_boot_exec_stop(bb_home: Path, guest: str) -> None:
     assert "not running" in fails(bb_home, 27, "exec", guest, "--", "true")
 
 
+def test_the_installed_launcher_runs_without_site(bb_home: Path, guest: str) -> None:
+    """tools/setup's launcher starts Python without site: the exec fast path
+    imports nothing from site-packages, and the full command line makes
+    site-packages importable itself.  A relative VCTX_HOME is the caller's."""
+    launcher = Path(sys.executable).parent / "vctx"
+    assert launcher.read_text().splitlines()[0] == f"#!{sys.executable} -S", "tools/setup writes the launcher"
+    vctx(bb_home, "boot", guest)
+    env = {**os.environ, "VCTX_HOME": bb_home.name}
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(launcher), *args], input=stdin, capture_output=True, text=True, env=env, cwd=bb_home.parent
+        )
+
+    res = run("exec", guest, "--", "sh", "-c", "tr a-z A-Z; exit 5", stdin="fast\n")
+    assert (res.stdout, res.returncode) == ("FAST\n", 5)
+    # what the fast path costs is what it imports: no site, no os, no click
+    res = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", str(launcher), "exec", guest, "--", "true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=bb_home.parent,
+    )
+    imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+    assert res.returncode == 0 and "vctx.fast" in imported, res.stderr
+    assert not imported & {"site", "os", "click", "vctx.cli", "vctx.enter"}, imported
+    status = json.loads(run("status", guest, "--json").stdout)  # click, rich: from site-packages
+    assert status["status"] == "running"
+    res = run("exec", "no-such-guest", "--", "true")
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    cowfs = Path(sys.executable).parent / "cowfs"
+    assert cowfs.read_text().splitlines()[0] == f"#!{sys.executable} -S"
+    res = subprocess.run([str(cowfs), "attr", "show", str(bb_home / "templates")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    vctx(bb_home, "stop", guest)
+
+
 def test_plain_root(bb_home: Path) -> None:
     """root = "plain": a private copy of the template, bind-mounted with the
     guest's ids (idmapped): no FUSE, the same ids inside, the template
