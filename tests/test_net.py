@@ -570,3 +570,42 @@ def test_no_cgroup_bpf_is_one_clear_error(net_home: Path) -> None:
         netctx.up_isolated(netctx.plan(cfg), None)
     assert "127.201.0.1" not in host_addresses()
     assert not netctx.Record.path("nobpf").exists()
+
+
+def test_programs_load_though_signals_interrupt_the_verifier() -> None:
+    """The verifier gives up (EAGAIN) when a signal is pending, and vctxd
+    takes SIGCHLD whenever a process it started exits: every program loads
+    anyway, and a program the verifier refuses still says why."""
+    import signal
+
+    from vctx import bpf, netprog
+
+    require(os.geteuid() == 0, "needs root")
+    maps = [
+        bpf.Map.create(bpf.MAP_ARRAY, 4, netprog.CONF_SIZE, 1, "t_conf"),
+        bpf.Map.create(bpf.MAP_HASH, netprog.KEY_SIZE, 4, 16, "t_addrs"),
+        bpf.Map.create(bpf.MAP_HASH, netprog.KEY_SIZE, 4, 16, "t_public"),
+    ]
+    fired = 0
+
+    def tick(_sig: int, _frame: object) -> None:
+        nonlocal fired
+        fired += 1
+
+    old = signal.signal(signal.SIGALRM, tick)
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)  # a program takes 0.1-0.4 ms
+    loaded = 0
+    try:
+        for _ in range(30):
+            for prog in netprog.programs(maps[0].fd, maps[1].fd, maps[2].fd):
+                os.close(bpf.load_program(prog.prog_type, prog.attach_type, prog.asm.assemble(), prog.name))
+                loaded += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        for m in maps:
+            m.close()
+    assert fired > 0 and loaded > 0
+    exit_only = bytes([0x95]) + bytes(7)  # BPF_EXIT with r0 never set
+    with pytest.raises(OSError, match=r"the kernel refused BPF program t_bad: .*R0 !read_ok"):
+        bpf.load_program(bpf.PROG_CGROUP_SOCK_ADDR, netprog.INET4_BIND, exit_only, "t_bad")

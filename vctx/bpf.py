@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 
 from . import sys as k
@@ -214,9 +215,39 @@ class Map:
         os.close(self.fd)
 
 
+INTERRUPTED_FOR = 5.0  # seconds of EAGAIN before a load is given up
+
+
 def load_program(kind: int, attach_type: int, insns: bytes, name: str) -> int:
-    """Load a program; the verifier's complaint becomes the error message."""
+    """Load a program; the verifier's complaint becomes the error message.
+
+    The verifier gives up with EAGAIN when a signal is pending, and vctxd
+    takes SIGCHLD whenever a process it started exits: tried again, as
+    libbpf does (for as long as it takes, within reason).  These attempts
+    ask for no log, which the verifier would write line by line for every
+    instruction of a program it accepts (6 ms of a guest's boot); a refusal
+    is loaded once more with the log, for its message."""
+    deadline = time.monotonic() + INTERRUPTED_FOR
+    while True:
+        try:
+            return _prog_load(kind, attach_type, insns, name, None)
+        except OSError as e:
+            if e.errno != errno.EAGAIN:
+                break
+            if time.monotonic() > deadline:
+                raise OSError(
+                    e.errno, f"the kernel refused BPF program {name}: interrupted by signals for {INTERRUPTED_FOR:.0f}s"
+                ) from None
     log = ctypes.create_string_buffer(1 << 16)
+    try:
+        return _prog_load(kind, attach_type, insns, name, log)  # (it loaded this time: so be it)
+    except OSError as e:
+        verdict = log.value.decode(errors="replace").strip().splitlines()
+        tail = " | ".join(verdict[-3:]) if verdict else ""
+        raise OSError(e.errno, f"the kernel refused BPF program {name}: {e.strerror} {tail}") from None
+
+
+def _prog_load(kind: int, attach_type: int, insns: bytes, name: str, log: ctypes.Array[ctypes.c_char] | None) -> int:
     lic = ctypes.create_string_buffer(b"GPL")
     code = ctypes.create_string_buffer(insns, len(insns))
     attr = _attr(
@@ -224,18 +255,13 @@ def load_program(kind: int, attach_type: int, insns: bytes, name: str) -> int:
         (4, "<I", len(insns) // 8),
         (8, "<Q", _ptr(code)),
         (16, "<Q", _ptr(lic)),
-        (24, "<I", 1),
-        (28, "<I", len(log)),
-        (32, "<Q", _ptr(log)),
+        (24, "<I", 0 if log is None else 1),
+        (28, "<I", 0 if log is None else len(log)),
+        (32, "<Q", 0 if log is None else _ptr(log)),
         (48, "16s", name.encode()[:15]),
         (68, "<I", attach_type),
     )
-    try:
-        return k.bpf(PROG_LOAD, attr, name)
-    except OSError as e:
-        verdict = log.value.decode(errors="replace").strip().splitlines()
-        tail = " | ".join(verdict[-3:]) if verdict else ""
-        raise OSError(e.errno, f"the kernel refused BPF program {name}: {e.strerror} {tail}") from None
+    return k.bpf(PROG_LOAD, attr, name)
 
 
 def attach(cgroup_fd: int, prog_fd: int, attach_type: int) -> None:
