@@ -83,9 +83,19 @@ def nspawn_boot(tree: Path) -> float:
                 return float("nan")
         return until_running(["nsenter", "-a", "-t", str(leader)], t0)
     finally:
-        if leader:
-            run("kill", "-RTMIN+3", str(leader), check=False)
-        p.wait()
+        # systemd halts on SIGRTMIN+3; one sent the moment it says `running`
+        # was seen lost once (the run hung here): sent again until it goes
+        for _ in range(10):
+            if leader:
+                run("kill", "-RTMIN+3", str(leader), check=False)
+            try:
+                p.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            p.kill()
+            p.wait()
 
 
 class Lxc:
