@@ -52,6 +52,16 @@ def med(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1000:8.1f} ms"
 
 
+def report(times: dict[str, list[float]], mine: str, label: str) -> None:
+    """Each contender's median, then the ratio of mine to each of the others."""
+    for k, v in times.items():
+        print(f"  {k:<34} {med(v)}")
+    ours = statistics.median(times[mine])
+    for k, v in times.items():
+        if k != mine:
+            print(f"  {label} / {k} = {ours / statistics.median(v):.2f}")
+
+
 def until_running(ask: list[str], t0: float) -> float:
     """Ask systemd inside until it answers running/degraded (its bus comes
     up a moment after init starts: until then the question fails at once)."""
@@ -233,12 +243,7 @@ def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None) -> None:
             lxc.stop()
     if cold is not None:
         print(f"  {'vctx, first boot (starts vctxd)':<34} {cold * 1000:8.1f} ms")
-    for k, v in boots.items():
-        print(f"  {k:<34} {med(v)}")
-    mine = statistics.median(boots["vctx boot --wait"])
-    for k, v in boots.items():
-        if k != "vctx boot --wait":
-            print(f"  vctx / {k} = {mine / statistics.median(v):.2f}")
+    report(boots, "vctx boot --wait", "vctx")
     plain = statistics.median(boots["vctx boot --wait, plain root"])
     for k in ("systemd-nspawn --boot", "lxc-start"):
         if k in boots:
@@ -277,12 +282,7 @@ def exec_true(reps: int, home: Path, lxc: Lxc | None, oci: list[tuple[str, str]]
     for _ in range(reps * 10):
         for k, cmd in execs.items():
             times[k].append(timed(*cmd))
-    for k, v in times.items():
-        print(f"  {k:<34} {med(v)}")
-    mine = statistics.median(times["vctx exec"])
-    for k, v in times.items():
-        if k != "vctx exec":
-            print(f"  vctx exec / {k} = {mine / statistics.median(v):.2f}")
+    report(times, "vctx exec", "vctx exec")
     run(VCTX, "stop", "bb1")
     if lxc is not None:
         lxc.stop()

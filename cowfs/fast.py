@@ -37,7 +37,8 @@ def _parse_clone(args: list[str]) -> tuple[str, str, bool, int] | None:
 
 def full() -> None:
     """Make site-packages importable, if the launcher tools/setup installs
-    started us without site (-S, as vctx/fast.py explains)."""
+    started us without site (-S, as vctx/fast.py explains).  vctx's command
+    line calls it too."""
     if sys.flags.no_site:
         import site
 

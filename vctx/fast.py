@@ -14,7 +14,7 @@ command line.
 Python's own start is most of an exec's cost, so this module imports `posix`,
 not `os` (which brings _collections_abc: 1.2 ms), and not `__future__`; and
 the launcher tools/setup installs starts Python without `site` (-S: 1.6 ms
-of .pth files).  Whatever needs site-packages calls `full()` first.
+of .pth files).  Whatever needs site-packages calls cowfs.fast.full() first.
 """
 
 import posix
@@ -28,14 +28,6 @@ def _env(key: str, default: str = "") -> str:
 
 RUN = _env("VCTX_RUN", "/run/vctx")
 DEVNULL = "/dev/null"
-
-
-def full() -> None:
-    """Make site-packages importable, if the launcher started us without site."""
-    if sys.flags.no_site:
-        import site
-
-        site.main()
 
 
 def _stat_mode(path: str) -> int:
@@ -252,6 +244,8 @@ def entry() -> None:
         _boot(*booting)
     parsed = _parse(sys.argv[1:])
     if parsed is None:
+        from cowfs.fast import full
+
         full()
         from .cli import main
 
@@ -267,6 +261,8 @@ def entry() -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             posix._exit(code)  # nothing to finalise: skip the interpreter's teardown (2 ms)
+    from cowfs.fast import full
+
     full()
     from . import errors
     from .enter import exec_in
