@@ -41,6 +41,12 @@ def main() -> None:
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Daemon log file.")
 @click.option("--debug", is_flag=True, help="Log every request (slow).")
 @click.option(
+    "--shared-cache/--private-cache",
+    default=True,
+    show_default=True,
+    help="Read shared files of 32 KiB or more through the shared inode's page cache (FUSE passthrough).",
+)
+@click.option(
     "--fd-budget",
     type=click.IntRange(32, 2**24),
     default=None,
@@ -57,6 +63,7 @@ def mount(
     foreground: bool,
     log_file: str | None,
     debug: bool,
+    shared_cache: bool,
     fd_budget: int | None,
 ) -> None:
     """Serve BACKING at MOUNTPOINT; returns when the mount is ready."""
@@ -78,6 +85,7 @@ def mount(
         log_file=log_file and os.path.abspath(log_file),
         debug=debug,
         fd_budget=fd_budget,
+        shared_cache=shared_cache,
     )
     do_mount(backing, mountpoint, opts, foreground=foreground)
 

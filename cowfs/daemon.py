@@ -72,6 +72,7 @@ class MountOptions:
     log_file: str | None = None
     debug: bool = False
     fd_budget: int | None = None  # fds for cached inodes; None: from RLIMIT_NOFILE
+    shared_cache: bool = True  # shared files read through the shared inode's pages (shared.py)
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ class Served:
         already (vctxd does, while the guest's cgroups are made); ours now."""
         from .fs import CowFS
 
-        self.backing, self.mountpoint = backing, mountpoint
+        self.backing, self.mountpoint, self.opts = backing, mountpoint, opts
         self.session: Session | None = None
         self.tree = tree if tree is not None else scanned_tree(backing, opts, lru)
         self.fs = CowFS(self.tree)
@@ -279,9 +280,11 @@ class Served:
 
     def _session(self) -> Session:
         from .fs import INIT_FLAGS
-        from .fuse import Session
+        from .fuse import PASSTHROUGH, Session
 
-        self.session = Session(self.fuse_fd, self.fs.handlers(), self.fs.slow(), INIT_FLAGS, self.tree.fds.lru.lock)
+        flags = INIT_FLAGS if self.opts.shared_cache else INIT_FLAGS & ~PASSTHROUGH
+        self.session = Session(self.fuse_fd, self.fs.handlers(), self.fs.slow(), flags, self.tree.fds.lru.lock)
+        self.session.on_init = lambda taken: self.fs.took(taken, self.fuse_fd)
         return self.session
 
     def run(self) -> None:

@@ -7,9 +7,12 @@ What the kernel is told, and why:
 - entries, negative entries and attributes are valid for a day: cowfs is the
   only writer of the backing tree while mounted, and every change it makes
   is a reply that updates the kernel's cache;
-- OPEN, OPENDIR, CREATE and FLUSH are answered ENOSYS, so the kernel stops
-  sending them and keeps file pages and directory listings cached itself;
-  reads and writes carry the inode, and the model keeps one fd per inode;
+- OPENDIR and FLUSH are answered ENOSYS, so the kernel stops
+  sending them and keeps directory listings cached itself; reads and writes
+  carry the inode, and the model keeps one fd per inode;
+- OPEN and CREATE too, unless the kernel takes passthrough: then shared
+  files are read through the shared inode's own pages (shared.py), and
+  CREATE saves a request per new file (else MKNOD, then OPEN);
 - we clear setuid/setgid where the kernel's flags say to (write, truncate,
   chown: HANDLE_KILLPRIV_V2), and the backing filesystem drops file
   capabilities on the same calls.  The kernel then stops asking for
@@ -23,6 +26,7 @@ What the kernel is told, and why:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import time
@@ -31,6 +35,9 @@ from collections.abc import Awaitable, Callable
 from . import fuse
 from .fuse import Request
 from .model import CowTree, Node
+from .shared import SharedCache
+
+log = logging.getLogger("cowfs")
 
 _NEGATIVE = fuse.pack_entry(0, bytes(fuse.ATTR.size))
 
@@ -38,6 +45,8 @@ _NEGATIVE = fuse.pack_entry(0, bytes(fuse.ATTR.size))
 class CowFS:
     def __init__(self, tree: CowTree) -> None:
         self.tree = tree
+        self.shared: SharedCache | None = None  # once the kernel took passthrough
+        self.truncating: dict[int, int] = {}  # node: truncates under way (slow requests)
 
     # -- encoding -------------------------------------------------------
 
@@ -58,6 +67,12 @@ class CowFS:
 
     # -- the tables the session dispatches on ----------------------------
 
+    def took(self, flags: int, fuse_fd: int) -> None:
+        """INIT's outcome."""
+        if flags & fuse.PASSTHROUGH:
+            self.shared = SharedCache(self.tree, fuse_fd)
+        log.info("page cache: %s", "shared" if self.shared else "private")
+
     def handlers(self) -> dict[int, fuse.Handler]:
         return {
             fuse.LOOKUP: self.lookup,
@@ -74,11 +89,11 @@ class CowFS:
             fuse.RENAME: self.rename,
             fuse.RENAME2: self.rename2,
             fuse.LINK: self._sync(self.link),
-            fuse.OPEN: self.enosys,
+            fuse.OPEN: self.open,
             fuse.OPENDIR: self.enosys,
-            fuse.CREATE: self.enosys,
+            fuse.CREATE: self.create,
             fuse.FLUSH: self.enosys,
-            fuse.RELEASE: self.ok,
+            fuse.RELEASE: self.release,
             fuse.RELEASEDIR: self.ok,
             fuse.READ: self.read,
             fuse.WRITE: self._sync(self.write),
@@ -102,7 +117,7 @@ class CowFS:
         marked = self._target_marked
         linked = self._link_source_marked
         return {
-            fuse.SETATTR: (marked, self.setattr),
+            fuse.SETATTR: (self._setattr_marked, self._counted_setattr),
             fuse.WRITE: (marked, self.write),
             fuse.SETXATTR: (marked, self.setxattr),
             fuse.REMOVEXATTR: (marked, self.removexattr),
@@ -113,6 +128,30 @@ class CowFS:
     def _target_marked(self, req: Request, body: memoryview) -> bool:
         node = self.tree.nodes.get(req.nodeid)
         return node is not None and node.marked
+
+    def _setattr_marked(self, req: Request, body: memoryview) -> bool:
+        """Also: a truncate refused or counted here, in request order, so that
+        no open made while it runs can be passthrough (shared.py)."""
+        if not self._target_marked(req, body):
+            return False
+        if fuse.SETATTR_IN.unpack_from(body)[0] & fuse.FATTR_SIZE:
+            if self.shared is not None and self.shared.busy(req.nodeid):
+                return False  # refused inline
+            self.truncating[req.nodeid] = self.truncating.get(req.nodeid, 0) + 1
+        return True
+
+    def _check_truncate(self, ino: int) -> None:
+        if self.shared is not None and self.shared.busy(ino):
+            raise OSError(errno.ETXTBSY, "open for reading through the shared inode")
+
+    async def _counted_setattr(self, req: Request, body: memoryview) -> bytes:
+        try:
+            return await self.setattr(req, body)
+        finally:
+            if fuse.SETATTR_IN.unpack_from(body)[0] & fuse.FATTR_SIZE:
+                n = self.truncating.pop(req.nodeid) - 1
+                if n:
+                    self.truncating[req.nodeid] = n
 
     def _link_source_marked(self, req: Request, body: memoryview) -> bool:
         (old,) = fuse.LINK_IN.unpack_from(body)
@@ -152,7 +191,12 @@ class CowFS:
 
     def forget(self, req: Request, body: memoryview) -> None:
         (n,) = fuse.FORGET_IN.unpack_from(body)
-        self.tree.forget(req.nodeid, n)
+        self._forget(req.nodeid, n)
+
+    def _forget(self, ino: int, n: int) -> None:
+        self.tree.forget(ino, n)
+        if self.shared is not None and ino not in self.tree.nodes:
+            self.shared.forget(ino)
 
     def batch_forget(self, req: Request, body: memoryview) -> None:
         count, _ = fuse.BATCH_FORGET_IN.unpack_from(body)
@@ -160,7 +204,7 @@ class CowFS:
         for _ in range(count):
             ino, n = fuse.FORGET_ONE.unpack_from(body, off)
             off += fuse.FORGET_ONE.size
-            self.tree.forget(ino, n)
+            self._forget(ino, n)
 
     def getattr(self, req: Request, body: memoryview) -> bytes:
         node = self.tree.node(req.nodeid)
@@ -170,6 +214,8 @@ class CowFS:
         (valid, _, _fh, size, _lo, atime, mtime, _ctime, atimens, mtimens, _cns, mode, _u4, uid, gid, _u5) = (
             fuse.SETATTR_IN.unpack_from(body)
         )
+        if valid & fuse.FATTR_SIZE and req.nodeid not in self.truncating:
+            self._check_truncate(req.nodeid)  # (a slow one was checked at dispatch)
         now = time.time_ns() if valid & (fuse.FATTR_ATIME_NOW | fuse.FATTR_MTIME_NOW) else 0
         atime_ns = mtime_ns = None
         if valid & fuse.FATTR_ATIME_NOW:
@@ -232,6 +278,34 @@ class CowFS:
         (old,) = fuse.LINK_IN.unpack_from(body)
         name, _ = fuse.cstr(body, fuse.LINK_IN.size)
         return self._entry(*await self.tree.link(old, req.nodeid, name))
+
+    def open(self, req: Request, body: memoryview) -> bytes:
+        """Sent only when the kernel took passthrough: else the first OPEN's
+        ENOSYS stops them."""
+        if self.shared is None:
+            raise OSError(errno.ENOSYS, "not used")
+        flags, _ = fuse.OPEN_IN.unpack_from(body)
+        node = self.tree.node(req.nodeid)
+        fh, backing = self.shared.open(node, flags, req.nodeid in self.truncating)
+        if backing:
+            return fuse.OPEN_OUT.pack(fh, fuse.FOPEN_PASSTHROUGH | fuse.FOPEN_NOFLUSH, backing)
+        return fuse.OPEN_OUT.pack(fh, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH, 0)
+
+    def create(self, req: Request, body: memoryview) -> bytes:
+        """With opens sent: one request instead of MKNOD and OPEN.  (Else
+        ENOSYS, and the kernel makes files with MKNOD alone.)"""
+        if self.shared is None:
+            raise OSError(errno.ENOSYS, "not used")
+        _flags, mode, umask, _ = fuse.CREATE_IN.unpack_from(body)
+        name, _ = fuse.cstr(body, fuse.CREATE_IN.size)
+        node, st = self.tree.mknod(req.nodeid, name, stat.S_IFREG | stat.S_IMODE(mode), 0, req.uid, req.gid, umask)
+        # a new file is private: its opens need no bookkeeping
+        return self._entry(node, st) + fuse.OPEN_OUT.pack(0, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH, 0)
+
+    def release(self, req: Request, body: memoryview) -> None:
+        if self.shared is not None:
+            fh, *_ = fuse.RELEASE_IN.unpack_from(body)
+            self.shared.release(req.nodeid, fh)
 
     def read(self, req: Request, body: memoryview) -> bytes:
         _fh, off, size, *_ = fuse.READ_IN.unpack_from(body)
@@ -329,4 +403,5 @@ INIT_FLAGS = (
     | fuse.MAX_PAGES
     | fuse.CACHE_SYMLINKS
     | fuse.HANDLE_KILLPRIV_V2
+    | fuse.PASSTHROUGH  # if the kernel takes it, instead of WRITEBACK_CACHE
 )

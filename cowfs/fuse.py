@@ -9,7 +9,7 @@ request per close.  A warm tree is then served by the kernel alone.  pyfuse3
 (3.5, on libfuse 3.14) negotiates none of these and hands read and readdir
 handlers a file handle but never the inode, so they cannot be used there.
 
-Layouts follow <linux/fuse.h>, protocol 7.38; the kernel speaks the lower of
+Layouts follow <linux/fuse.h>, protocol 7.40; the kernel speaks the lower of
 its version and ours.  Handlers receive the request header and body and
 return the reply payload, or raise OSError; an errno goes back to the caller.
 """
@@ -31,7 +31,7 @@ from .tasks import Scheduler
 
 log = logging.getLogger("cowfs")
 
-MAJOR, MINOR = 7, 38
+MAJOR, MINOR = 7, 40
 
 # opcodes
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
@@ -54,6 +54,12 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 HANDLE_KILLPRIV_V2 = 1 << 28
 INIT_EXT = 1 << 30
+PASSTHROUGH = 1 << 37  # in flags2; excludes WRITEBACK_CACHE (fs/fuse/inode.c)
+
+# OPEN reply flags
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NOFLUSH = 1 << 5
+FOPEN_PASSTHROUGH = 1 << 7
 
 # SETATTR valid bits
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
@@ -80,6 +86,10 @@ LINK_IN = struct.Struct("<Q")
 READ_IN = struct.Struct("<QQIIQII")
 WRITE_IN = struct.Struct("<QQIIQII")
 WRITE_OUT = struct.Struct("<II")
+OPEN_IN = struct.Struct("<II")
+CREATE_IN = struct.Struct("<IIII")  # flags, mode, umask, open_flags
+OPEN_OUT = struct.Struct("<QIi")  # fh, open_flags, backing_id
+RELEASE_IN = struct.Struct("<QIIQ")
 STATFS_OUT = struct.Struct("<QQQQQIIII6I")
 SETXATTR_IN = struct.Struct("<II")
 GETXATTR_IN = struct.Struct("<II")
@@ -97,6 +107,9 @@ TIMEOUT_S = 86400  # entry and attribute validity (see fs.py)
 
 NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
 _IOCTL_OP = struct.pack("<I", IOCTL)
+_RELEASE_OP = struct.pack("<I", RELEASE)
+_NO_FH = bytes(8)
+_OK_HEAD = struct.pack("<Ii", OUT_HEADER.size, 0)  # then the request's unique
 _ENOTTY_HEAD = struct.pack("<Ii", OUT_HEADER.size, -errno.ENOTTY)  # then the request's unique
 
 
@@ -184,6 +197,7 @@ class Session:
         self.sched = Scheduler()
         self.stopping = False
         self.finished = threading.Event()  # serve() has returned
+        self.on_init: Callable[[int], None] | None = None  # told the flags taken
 
     # -- replies --------------------------------------------------------
 
@@ -226,7 +240,13 @@ class Session:
             raise OSError(errno.EPROTO, f"kernel speaks FUSE {major}.{minor}, we speak {MAJOR}.{MINOR}")
         self.proto_minor = min(minor, MINOR)
         offered = flags | (flags2 << 32 if flags & INIT_EXT else 0)
-        self.flags = offered & self.want
+        taken = offered & self.want
+        if taken & PASSTHROUGH:
+            # The kernel refuses passthrough alongside writeback caching.
+            taken &= ~WRITEBACK_CACHE
+        self.flags = taken | (INIT_EXT if taken >> 32 else 0)
+        if self.on_init is not None:
+            self.on_init(self.flags)
         log.debug("FUSE %d.%d, flags offered %#x, taken %#x", major, minor, offered, self.flags)
         return INIT_OUT.pack(
             MAJOR,
@@ -240,7 +260,8 @@ class Session:
             MAX_PAGES_N,
             0,
             self.flags >> 32,
-            *([0] * 7),
+            1 if self.flags & PASSTHROUGH else 0,  # max_stack_depth: backing files on a plain filesystem
+            *([0] * 6),
         )
 
     def _dispatch(self, data: bytes) -> None:
@@ -320,6 +341,11 @@ class Session:
                     # unit file is 3,300 of them per boot.  Answered here,
                     # before any decoding.
                     self._write(_ENOTTY_HEAD + data[8:16])
+                    continue
+                if data[4:8] == _RELEASE_OP and data[40:48] == _NO_FH:
+                    # The close of a file opened with no handle (shared.py):
+                    # nothing to do but say so.  (40: the request header.)
+                    self._write(_OK_HEAD + data[8:16])
                     continue
                 with self.lock:
                     self._dispatch(data)

@@ -2,7 +2,7 @@
 
 The stdlib is used where it has the call.  What it lacks (renameat2, linkat
 with AT_EMPTY_PATH, fchownat/utimensat on O_PATH descriptors, the FICLONE
-ioctl, fallocate modes, mount and umount2) is bound here with ctypes, each
+ioctl, fallocate modes, mount and umount2, the FUSE passthrough ioctls) is bound here with ctypes, each
 function small and typed, each failure an OSError that names the call and
 the object it was applied to.
 """
@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import resource
+import struct
 
 # The process's own symbols: libc is loaded already (find_library would run
 # ldconfig in a subprocess, milliseconds of every command's start-up).
@@ -25,6 +26,9 @@ AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
 FICLONE = 0x40049409
+# <linux/fuse.h>: _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t)
+FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
+FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
 MNT_DETACH = 2
 FALLOC_FL_KEEP_SIZE = 1
 UTIME_OMIT = (1 << 30) - 2
@@ -179,6 +183,20 @@ def ficlone(dst_fd: int, src_fd: int) -> bool:
             return False
         raise
     return True
+
+
+def backing_open(fuse_fd: int, fd: int) -> int:
+    """Register fd's open file as a backing file of the FUSE connection;
+    its id goes in an OPEN reply with FOPEN_PASSTHROUGH.  The kernel takes
+    its own reference: fd may be closed afterwards.  Needs CAP_SYS_ADMIN."""
+    arg = bytearray(struct.pack("<iIQ", fd, 0, 0))  # struct fuse_backing_map: fd, flags, padding
+    # A mutable buffer makes fcntl.ioctl return the call's result: the id.
+    backing_id: int = fcntl.ioctl(fuse_fd, FUSE_DEV_IOC_BACKING_OPEN, arg, True)
+    return backing_id
+
+
+def backing_close(fuse_fd: int, backing_id: int) -> None:
+    fcntl.ioctl(fuse_fd, FUSE_DEV_IOC_BACKING_CLOSE, struct.pack("<I", backing_id))
 
 
 def copy_data(dst_fd: int, src_fd: int, size: int) -> None:
