@@ -574,6 +574,8 @@ def test_debian_sysvinit_reaches_its_runlevel(debian_home: Path) -> None:
     name = f"s-{secrets.token_hex(3)}"
     vctx(debian_home, "create", name, "-t", "sysv")
     try:
+        assert "page_cache: expected one of shared, private" in fails(debian_home, 25, "set", name, "page_cache=some")
+        vctx(debian_home, "set", name, "page_cache=private")  # every mount its own, as before passthrough
         vctx(debian_home, "boot", name)
         assert vctx(debian_home, "exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "init"
         st = state(name)

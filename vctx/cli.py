@@ -254,7 +254,7 @@ def delete(ctx: click.Context, name: str) -> None:
 def set_cmd(ctx: click.Context, name: str, assignments: tuple[str, ...]) -> None:
     """Change guest NAME's config: memory=512M cpus=1.5 pids=512 hostname=...
     ip=ADDR,ADDR interface=DEV network=MODE allow_syscalls=NAME,NAME
-    autostart=yes|no
+    autostart=yes|no page_cache=shared|private
 
     Limits, and an isolated guest's addresses, take effect at once on a
     running guest; the rest at its next boot.

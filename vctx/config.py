@@ -27,6 +27,7 @@ NETWORKS = ("isolated", "netns", "none", "host")
 # cowfs: the guest's tree is hard links to its template, served by cowfs;
 # plain: a private copy, bind-mounted with the guest's ids (no FUSE at all).
 ROOTS = ("cowfs", "plain")
+PAGE_CACHES = ("shared", "private")  # cowfs: FUSE passthrough for shared files, or each mount its own
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _CPUSET = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
@@ -193,6 +194,7 @@ class GuestConfig:
     net: Net = field(default_factory=Net)
     rlimits: dict[str, str | int] = field(default_factory=dict)
     root: str = "cowfs"
+    page_cache: str = "shared"
     allow_syscalls: list[str] = field(default_factory=list)  # of those seccomp.py refuses; from the next boot
     autostart: bool = False  # booted by `vctx boot --autostart` (the host's vctx.service)
     version: int = VERSION
@@ -205,6 +207,8 @@ class GuestConfig:
             raise errors.BadConfig(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
         if self.root not in ROOTS:
             raise errors.BadConfig(f"root: expected one of {', '.join(ROOTS)}, got {self.root!r}")
+        if self.page_cache not in PAGE_CACHES:
+            raise errors.BadConfig(f"page_cache: expected one of {', '.join(PAGE_CACHES)}, got {self.page_cache!r}")
         if self.init == "plain" and not self.command:
             raise errors.BadConfig('init = "plain" needs command = ["program", "arg", ...]')
         if not (isinstance(self.id_base, int) and self.id_base > 0 and self.id_base + self.id_size <= 2**32 - 1):

@@ -200,6 +200,8 @@ def set_keys(
                 cfg.hostname = value
             elif key == "autostart":
                 cfg.autostart = config.parse_bool(value, key)
+            elif key == "page_cache":
+                cfg.page_cache = value
             elif key == "init":
                 cfg.init = value
             elif key == "command":

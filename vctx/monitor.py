@@ -260,7 +260,9 @@ class Monitor:
         to_c_r, self.to_c = os.pipe2(os.O_CLOEXEC)
         self.from_c, from_c_w = os.pipe2(os.O_CLOEXEC)
         self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        opts = MountOptions(idmap=IdMap(cfg.id_base, cfg.id_base, cfg.id_size), suid=True)
+        opts = MountOptions(
+            idmap=IdMap(cfg.id_base, cfg.id_base, cfg.id_size), suid=True, shared_cache=cfg.page_cache == "shared"
+        )
         # The tree's scan (Python, ~20 ms for a Debian tree) runs while this
         # thread waits in the kernel: the first move into a cgroup waits out
         # an RCU grace period (~13 ms here), the BPF programs load.

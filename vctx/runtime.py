@@ -138,7 +138,7 @@ def apply_live(home: Home, name: str, r: Running, assignments: list[str]) -> lis
     change now (the config is saved only if they did); returns what waits
     for the next boot."""
     keys = {a.partition("=")[0] for a in assignments}
-    later = sorted(keys & {"hostname", "init", "command", "allow_syscalls"}) + sorted(
+    later = sorted(keys & {"hostname", "init", "command", "allow_syscalls", "page_cache"}) + sorted(
         k for k in keys if k.startswith("rlimit.")
     )
 
