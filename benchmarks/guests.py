@@ -4,7 +4,9 @@
    `degraded`): vctx boot --wait against systemd-nspawn --boot and LXC
    (lxc-start) on plain copies of the same tree.  vctx's first boot, which
    starts the host daemon, is shown apart; vctx on a plain root (a private
-   copy, idmapped bind mount: no cowfs) shows what cowfs costs.
+   copy, idmapped bind mount: no cowfs) shows what cowfs costs, and cowfs
+   with page_cache = "private" what its shared page cache costs.  Also the
+   page cache each cowfs guest's memory cgroup is charged once it runs.
 2. Run `true` in a running guest: vctx exec against nsenter -a (the floor:
    it joins no cgroup), lxc-attach to the Debian container, and crun exec
    and runc exec of a busybox bundle.
@@ -55,7 +57,7 @@ def med(xs: list[float]) -> str:
 def report(times: dict[str, list[float]], mine: str, label: str) -> None:
     """Each contender's median, then the ratio of mine to each of the others."""
     for k, v in times.items():
-        print(f"  {k:<34} {med(v)}")
+        print(f"  {k:<40} {med(v)}")
     ours = statistics.median(times[mine])
     for k, v in times.items():
         if k != mine:
@@ -198,6 +200,8 @@ def main() -> None:
         run(VCTX, "template", "build", "bb", "--from", "busybox")
         run(VCTX, "create", "deb1", "-t", "deb")
         run(VCTX, "create", "debplain", "-t", "deb", "--root", "plain")
+        run(VCTX, "create", "debpriv", "-t", "deb")
+        run(VCTX, "set", "debpriv", "page_cache=private")
         have_nspawn = shutil.which("systemd-nspawn") is not None
         if have_nspawn and "boot" in parts:
             run("cp", "-a", str(home / "templates/deb/rootfs"), str(home / "nspawn-root"))
@@ -226,14 +230,20 @@ def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None) -> None:
     if stop_idle_daemon():
         cold = timed(VCTX, "boot", "--wait", "deb1")
         run(VCTX, "stop", "deb1")
-    boots: dict[str, list[float]] = {"vctx boot --wait": [], "vctx boot --wait, plain root": []}
+    priv = "vctx boot --wait, private page cache"
+    boots: dict[str, list[float]] = {"vctx boot --wait": [], priv: [], "vctx boot --wait, plain root": []}
+    cache: dict[str, list[float]] = {"deb1": [], "debpriv": []}
     if have_nspawn:
         boots["systemd-nspawn --boot"] = []
     if lxc is not None:
         boots["lxc-start"] = []
     for _ in range(reps):
         boots["vctx boot --wait"].append(timed(VCTX, "boot", "--wait", "deb1"))
+        cache["deb1"].append(page_cache_mib("deb1"))
         run(VCTX, "stop", "deb1")
+        boots[priv].append(timed(VCTX, "boot", "--wait", "debpriv"))
+        cache["debpriv"].append(page_cache_mib("debpriv"))
+        run(VCTX, "stop", "debpriv")
         boots["vctx boot --wait, plain root"].append(timed(VCTX, "boot", "--wait", "debplain"))
         run(VCTX, "stop", "debplain")
         if have_nspawn:
@@ -242,12 +252,35 @@ def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None) -> None:
             boots["lxc-start"].append(lxc.boot())
             lxc.stop()
     if cold is not None:
-        print(f"  {'vctx, first boot (starts vctxd)':<34} {cold * 1000:8.1f} ms")
+        print(f"  {'vctx, first boot (starts vctxd)':<40} {cold * 1000:8.1f} ms")
     report(boots, "vctx boot --wait", "vctx")
     plain = statistics.median(boots["vctx boot --wait, plain root"])
     for k in ("systemd-nspawn --boot", "lxc-start"):
         if k in boots:
             print(f"  vctx plain root / {k} = {plain / statistics.median(boots[k]):.2f}")
+    print(
+        f"  private page cache / shared = {statistics.median(boots[priv]) / statistics.median(boots['vctx boot --wait']):.2f}"
+    )
+    shared_mib, private_mib = statistics.median(cache["deb1"]), statistics.median(cache["debpriv"])
+    print(
+        f"  page cache charged to a running cowfs guest: shared {shared_mib:.1f} MiB, private {private_mib:.1f} MiB"
+        f" ({private_mib - shared_mib:.1f} MiB less per guest)"
+    )
+
+
+def page_cache_mib(name: str) -> float:
+    """The page cache the guest's memory cgroup is charged: its own files'
+    pages and the shared ones it was first to read."""
+    for path, key in (
+        (f"/sys/fs/cgroup/memory/vctx/{name}/memory.stat", "total_cache"),
+        (f"/sys/fs/cgroup/vctx/{name}/memory.stat", "file"),
+    ):
+        if os.path.exists(path):
+            for line in Path(path).read_text().splitlines():
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v) / (1 << 20)
+    return float("nan")
 
 
 def exec_true(reps: int, home: Path, lxc: Lxc | None, oci: list[tuple[str, str]]) -> None:
