@@ -140,10 +140,6 @@ class CowFS:
             self.truncating[req.nodeid] = self.truncating.get(req.nodeid, 0) + 1
         return True
 
-    def _check_truncate(self, ino: int) -> None:
-        if self.shared is not None and self.shared.busy(ino):
-            raise OSError(errno.ETXTBSY, "open for reading through the shared inode")
-
     async def _counted_setattr(self, req: Request, body: memoryview) -> bytes:
         try:
             return await self.setattr(req, body)
@@ -214,8 +210,8 @@ class CowFS:
         (valid, _, _fh, size, _lo, atime, mtime, _ctime, atimens, mtimens, _cns, mode, _u4, uid, gid, _u5) = (
             fuse.SETATTR_IN.unpack_from(body)
         )
-        if valid & fuse.FATTR_SIZE and req.nodeid not in self.truncating:
-            self._check_truncate(req.nodeid)  # (a slow one was checked at dispatch)
+        if valid & fuse.FATTR_SIZE and req.nodeid not in self.truncating and self.shared is not None:
+            self.shared.refuse_change(req.nodeid)  # (a slow one was checked at dispatch)
         now = time.time_ns() if valid & (fuse.FATTR_ATIME_NOW | fuse.FATTR_MTIME_NOW) else 0
         atime_ns = mtime_ns = None
         if valid & fuse.FATTR_ATIME_NOW:

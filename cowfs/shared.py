@@ -51,6 +51,10 @@ SHARED_MIN = 32 * 1024
 FH_UNTRACKED, FH_CACHED, FH_PASSTHROUGH = 0, 1, 2
 
 
+def _held() -> OSError:
+    return OSError(errno.ETXTBSY, "open for reading through the shared inode")
+
+
 @dataclass
 class _Opens:
     node: Node  # a node number can be reused once the kernel forgets it
@@ -84,7 +88,7 @@ class SharedCache:
         write = flags & os.O_ACCMODE != os.O_RDONLY
         if o.passthrough:
             if write:
-                raise OSError(errno.ETXTBSY, "open for reading through the shared inode")
+                raise _held()
             o.passthrough += 1
             return FH_PASSTHROUGH, o.backing
         if not write and node.marked and not o.cached and not changing and self.enabled:
@@ -128,6 +132,11 @@ class SharedCache:
         """Open passthrough: its content must not change."""
         o = self.opens.get(ino)
         return o is not None and o.passthrough > 0
+
+    def refuse_change(self, ino: int) -> None:
+        """A truncate: refused while a passthrough reader could not follow it."""
+        if self.busy(ino):
+            raise _held()
 
     def forget(self, ino: int) -> None:
         """The kernel forgot the inode: no file of it is open."""

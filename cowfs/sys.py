@@ -1,10 +1,11 @@
 """Every privileged or non-stdlib syscall cowfs makes, in one thin module.
 
-The stdlib is used where it has the call.  What it lacks (renameat2, linkat
-with AT_EMPTY_PATH, fchownat/utimensat on O_PATH descriptors, the FICLONE
-ioctl, fallocate modes, mount and umount2, the FUSE passthrough ioctls) is bound here with ctypes, each
-function small and typed, each failure an OSError that names the call and
-the object it was applied to.
+The stdlib is used where it has the call (fcntl.ioctl: FICLONE and FUSE
+passthrough's backing files).  What it lacks (renameat2, linkat with
+AT_EMPTY_PATH, fchownat/utimensat on O_PATH descriptors, fallocate modes,
+mount and umount2) is bound here with ctypes, each function small and
+typed, each failure an OSError that names the call and the object it was
+applied to.
 """
 
 from __future__ import annotations
