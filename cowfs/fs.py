@@ -11,8 +11,9 @@ What the kernel is told, and why:
   sending them and keeps directory listings cached itself; reads and writes
   carry the inode, and the model keeps one fd per inode;
 - OPEN and CREATE too, unless the kernel takes passthrough: then shared
-  files are read through the shared inode's own pages (shared.py), and
-  CREATE saves a request per new file (else MKNOD, then OPEN);
+  files are read through the shared inode's own pages, private files are
+  read and written by the kernel itself (shared.py), and CREATE saves a
+  request per new file (else MKNOD, then OPEN);
 - we clear setuid/setgid where the kernel's flags say to (write, truncate,
   chown: HANDLE_KILLPRIV_V2), and the backing filesystem drops file
   capabilities on the same calls.  The kernel then stops asking for
@@ -35,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from . import fuse
 from .fuse import Request
 from .model import CowTree, Node
-from .shared import SharedCache
+from .shared import FH_UNTRACKED, SharedCache
 
 log = logging.getLogger("cowfs")
 
@@ -283,20 +284,27 @@ class CowFS:
         flags, _ = fuse.OPEN_IN.unpack_from(body)
         node = self.tree.node(req.nodeid)
         fh, backing = self.shared.open(node, flags, req.nodeid in self.truncating)
+        return self._opened(node, fh, backing)
+
+    @staticmethod
+    def _opened(node: Node, fh: int, backing: int) -> bytes:
         if backing:
             return fuse.OPEN_OUT.pack(fh, fuse.FOPEN_PASSTHROUGH | fuse.FOPEN_NOFLUSH, backing)
-        return fuse.OPEN_OUT.pack(fh, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH, 0)
+        # A private file's pages may be stale, written passthrough since
+        # they were cached, unless passthrough is off (untracked opens).
+        keep = fuse.FOPEN_KEEP_CACHE if node.marked or fh == FH_UNTRACKED else 0
+        return fuse.OPEN_OUT.pack(fh, keep | fuse.FOPEN_NOFLUSH, 0)
 
     def create(self, req: Request, body: memoryview) -> bytes:
         """With opens sent: one request instead of MKNOD and OPEN.  (Else
         ENOSYS, and the kernel makes files with MKNOD alone.)"""
         if self.shared is None:
             raise OSError(errno.ENOSYS, "not used")
-        _flags, mode, umask, _ = fuse.CREATE_IN.unpack_from(body)
+        flags, mode, umask, _ = fuse.CREATE_IN.unpack_from(body)
         name, _ = fuse.cstr(body, fuse.CREATE_IN.size)
         node, st = self.tree.mknod(req.nodeid, name, stat.S_IFREG | stat.S_IMODE(mode), 0, req.uid, req.gid, umask)
-        # a new file is private: its opens need no bookkeeping
-        return self._entry(node, st) + fuse.OPEN_OUT.pack(0, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH, 0)
+        fh, backing = self.shared.open(node, flags, False)
+        return self._entry(node, st) + self._opened(node, fh, backing)
 
     def release(self, req: Request, body: memoryview) -> None:
         if self.shared is not None:

@@ -1,4 +1,5 @@
-"""One page cache for shared files: FUSE passthrough (Linux 6.9+).
+"""One page cache for shared files, and native I/O on private ones: FUSE
+passthrough (Linux 6.9+).
 
 A FUSE mount caches file pages in its own inodes, so every guest held its
 own copy of each template file it read: ~19 MiB for a booted Debian
@@ -7,24 +8,32 @@ read-only open of a marked (shared) file is handed to the kernel with the
 shared inode as its backing file: reads and mmap, exec and shared
 libraries included, use the backing filesystem's pages, one copy for the
 template and all its guests (VServer's "one page cache for shared
-libraries"), and no READ request reaches us.
+libraries"), and no READ request reaches us.  An open of a private file
+(the guest's own, unmarked) is passthrough to that file: reads, writes
+and mmap run at the backing filesystem's speed, with no request at all.
 
 The price: the kernel must send OPEN (and RELEASE) for every open, since
 answering OPEN with ENOSYS, which stops it, is for the whole connection;
-and it refuses passthrough alongside writeback caching.
+and it refuses passthrough alongside writeback caching, so what is still
+written through us (a file being broken) is a request per write(2).
 
 The kernel's rules (fs/fuse/iomode.c): an inode is open either cached or
-passthrough, never both at once, and all its passthrough opens share one
-backing file.  Hence:
-- a read-only open of a marked file of 32 KiB or more is passthrough,
-  unless the inode is open cached (someone has it open for writing: then
-  cached);
-- any other open is cached, unless the inode is open passthrough.  Then a
-  read-only open shares the backing file (a chmod or chown broke the link
-  meanwhile: the content is still the same), and an open for writing or a
-  truncate is refused with ETXTBSY until those readers close: as for a
-  running executable.  The content a passthrough reader sees can therefore
-  never differ from the guest's file.
+passthrough, never both at once (a wrong answer fails the open with EIO),
+and all its passthrough opens share one backing file.  Hence:
+- the first open of an inode decides: passthrough for a read-only open of
+  a marked file of 32 KiB or more, and for any open of a private file
+  (but setuid and setgid ones: below); cached otherwise, and for a marked
+  file being truncated;
+- later opens while it is open follow.  Cached: cached.  Passthrough on
+  the private file: anything.  Passthrough on the shared inode: a
+  read-only open shares it (a chmod or chown broke the link meanwhile:
+  the content is still the same), and an open for writing or a truncate
+  is refused with ETXTBSY until those readers close, as for a running
+  executable.  The content a passthrough reader sees can therefore never
+  differ from the guest's file;
+- the kernel writes passthrough as the daemon, root, which keeps setuid
+  and setgid bits that a write by anyone else clears: files with them are
+  opened cached, and a write-open joining readers of one is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
 from . import sys
@@ -45,14 +55,22 @@ log = logging.getLogger("cowfs")
 SHARED_MIN = 32 * 1024
 
 # File handles in OPEN replies: RELEASE tells which kind of open ended.
-# Most opens are of private files that were never open passthrough: those
-# need no bookkeeping, and the serving loop answers their RELEASE before
-# decoding it (fuse.py).
+# Untracked: passthrough is off (the kernel refused a backing file), the
+# open is of a private file and needs no bookkeeping; the serving loop
+# answers its RELEASE before decoding it (fuse.py).
 FH_UNTRACKED, FH_CACHED, FH_PASSTHROUGH = 0, 1, 2
 
 
 def _held() -> OSError:
     return OSError(errno.ETXTBSY, "open for reading through the shared inode")
+
+
+def _setid(node: Node) -> bool:
+    """A write by an unprivileged process must clear its setuid or setgid
+    bit.  The kernel does that for cached writes (asking us), but writes
+    passthrough as the daemon, which is root: so no passthrough writes."""
+    mode = os.fstat(node.fd).st_mode
+    return bool(mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP))
 
 
 @dataclass
@@ -61,6 +79,7 @@ class _Opens:
     cached: int = 0
     passthrough: int = 0
     backing: int = 0  # registered backing id, kept while the node is marked
+    shared: bool = False  # the backing is the shared inode (else the node's own)
 
 
 class SharedCache:
@@ -82,23 +101,38 @@ class SharedCache:
     def open(self, node: Node, flags: int, changing: bool) -> tuple[int, int]:
         """(fh, backing id or 0) for an open of node with these flags;
         changing: a truncate of it is under way."""
-        if not node.marked and node.ino not in self.opens:
+        if not self.enabled and node.ino not in self.opens:
             return FH_UNTRACKED, 0
         o = self._get(node)
         write = flags & os.O_ACCMODE != os.O_RDONLY
         if o.passthrough:
-            if write:
+            if write and (o.shared or _setid(node)):
                 raise _held()
             o.passthrough += 1
             return FH_PASSTHROUGH, o.backing
-        if not write and node.marked and not o.cached and not changing and self.enabled:
-            if not o.backing and self._big(node):
-                o.backing = self._register(node)
-            if o.backing:
-                o.passthrough += 1
-                return FH_PASSTHROUGH, o.backing
+        if not o.cached and self.enabled and self._backing(o, write, changing):
+            o.passthrough += 1
+            return FH_PASSTHROUGH, o.backing
         o.cached += 1
         return FH_CACHED, 0
+
+    def _backing(self, o: _Opens, write: bool, changing: bool) -> bool:
+        """Whether a first open of o's node is passthrough; registers the
+        backing file if it is.  A shared inode can back only reads (a write
+        breaks the link); the guest's own file backs any open."""
+        if o.node.marked:
+            if write or changing or not (o.backing or self._big(o.node)):
+                return False
+            if not o.backing:
+                o.backing, o.shared = self._register(o.node), True
+        else:
+            if o.backing and o.shared:
+                self._unregister(o)  # the link broke while nothing had it open
+            if _setid(o.node):
+                return False
+            if not o.backing:
+                o.backing, o.shared = self._register(o.node), False
+        return o.backing != 0
 
     @staticmethod
     def _big(node: Node) -> bool:
@@ -129,9 +163,9 @@ class SharedCache:
             del self.opens[ino]
 
     def busy(self, ino: int) -> bool:
-        """Open passthrough: its content must not change."""
+        """Open passthrough on the shared inode: its content must not change."""
         o = self.opens.get(ino)
-        return o is not None and o.passthrough > 0
+        return o is not None and o.passthrough > 0 and o.shared
 
     def refuse_change(self, ino: int) -> None:
         """A truncate: refused while a passthrough reader could not follow it."""
