@@ -186,3 +186,19 @@ def debian_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # the .debs are cached across runs, so the mirror is needed once.
     vctx(home, "template", "build", "deb", "--from", "debian", "--suite", "bookworm", "--cache-dir", str(DEBS))
     yield home
+
+
+def as_user(uid: int, action: Callable[[], None]) -> None:
+    """Run action in a child that has dropped to uid (no CAP_FSETID)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Guest, cowfs
+from conftest import Guest, as_user, cowfs
 
 from cowfs.sys import fallocate
 
@@ -315,22 +315,6 @@ def test_file_capabilities_belong_to_the_guests_root(
     assert "security.capability" not in os.listxattr(template / "bin/true")  # the template kept its own
 
 
-def _as_user(uid: int, action: Callable[[], None]) -> None:
-    """Run action in a child that has dropped to uid (no CAP_FSETID)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            action()
-            code = 0
-        finally:
-            os._exit(code)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-
-
 def test_setid_bits_and_capabilities_are_dropped_as_the_kernel_drops_them(
     mount_guest: Callable[..., Guest], template: Path, tmp_path: Path
 ) -> None:
@@ -355,14 +339,14 @@ def test_setid_bits_and_capabilities_are_dropped_as_the_kernel_drops_them(
         return lambda: os.ftruncate(fd, 1)
 
     cases: list[tuple[str, int, bool, Callable[[int, Path], None]]] = [
-        ("user writes", 0o6775, False, lambda fd, p: _as_user(1000, user_write(fd))),
-        ("user writes, setgid without group x", 0o2664, False, lambda fd, p: _as_user(1000, user_write(fd))),
-        ("user truncates", 0o6775, False, lambda fd, p: _as_user(1000, user_truncate(fd))),
+        ("user writes", 0o6775, False, lambda fd, p: as_user(1000, user_write(fd))),
+        ("user writes, setgid without group x", 0o2664, False, lambda fd, p: as_user(1000, user_write(fd))),
+        ("user truncates", 0o6775, False, lambda fd, p: as_user(1000, user_truncate(fd))),
         ("root writes", 0o6775, False, lambda fd, p: os.pwrite(fd, b"x", 0) and None),
         ("root truncates", 0o6775, False, lambda fd, p: os.ftruncate(fd, 1)),
         ("root chowns", 0o6775, False, lambda fd, p: os.chown(p, 1001, 1001)),
         ("root chowns, setgid without group x", 0o2664, False, lambda fd, p: os.chown(p, 1001, 1001)),
-        ("user writes a file with capabilities", 0o755, True, lambda fd, p: _as_user(1000, user_write(fd))),
+        ("user writes a file with capabilities", 0o755, True, lambda fd, p: as_user(1000, user_write(fd))),
         ("root chowns a file with capabilities", 0o755, True, lambda fd, p: os.chown(p, 1001, 1001)),
     ]
     for i, (what, mode, with_caps, act) in enumerate(cases):
@@ -386,7 +370,7 @@ def test_setid_bits_and_capabilities_are_dropped_as_the_kernel_drops_them(
 
     fd = os.open(g.mnt / "etc/setuid-shared", os.O_RDWR)
     try:
-        _as_user(1000, user_write(fd))
+        as_user(1000, user_write(fd))
     finally:
         os.close(fd)
     assert stat.S_IMODE((g.mnt / "etc/setuid-shared").stat().st_mode) == 0o775

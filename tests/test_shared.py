@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Guest, require, umount_stats
+from conftest import Guest, as_user, require, umount_stats
 
 LIB = "usr/lib/libdemo.so"  # 300,000 bytes: above the 32 KiB threshold
 
@@ -121,3 +121,58 @@ def test_a_shared_file_open_for_writing_is_not_read_through_the_template(
         assert reader.read(4) == b"mine"
     assert (template / LIB).read_bytes()[:4] != b"mine"
     assert umount_stats(g) == {"breaks": 1, "unmarks": 0}
+
+
+@pytest.mark.parametrize("mode", ["--shared-cache", "--private-cache"])
+def test_private_files_are_read_and_written_by_the_kernel_itself(mount_guest: Callable[..., Guest], mode: str) -> None:
+    """Shared mode: a private file's opens are passthrough to it, so a read
+    after its pages were evicted brings them back into the backing file's
+    cache (private mode: the mount serves the read from its own copy).
+    Readers, writers, mmap and truncate all see one file."""
+    g = mount_guest("g", mode)
+    require_passthrough(g, "shared" if mode == "--shared-cache" else "private")
+    f, backing = g.mnt / "own", g.backing / "own"
+    data = os.urandom(256 * 1024)
+    f.write_bytes(data)
+    assert backing.read_bytes() == data
+    evict(backing)
+    assert f.read_bytes() == data
+    pages = len(data) // mmap.PAGESIZE
+    assert resident_pages(backing) == (pages if mode == "--shared-cache" else 0)
+    with open(f, "r+b", buffering=0) as w, open(f, "rb", buffering=0) as r:
+        w.write(b"one")
+        assert os.pread(r.fileno(), 3, 0) == b"one"
+        with mmap.mmap(w.fileno(), 0) as m:
+            m[3:6] = b"two"
+            m.flush()
+        assert os.pread(r.fileno(), 6, 0) == b"onetwo"
+        os.truncate(f, 6)  # no reader holds a private file back
+        assert r.read() == b"onetwo"
+    assert backing.read_bytes() == f.read_bytes() == b"onetwo"
+    assert f.stat().st_size == 6
+    assert umount_stats(g) == {"breaks": 0, "unmarks": 0}
+
+
+def test_a_setuid_file_is_never_written_passthrough(mount_guest: Callable[..., Guest]) -> None:
+    """The kernel writes passthrough as the daemon (root), and root's writes
+    keep setuid bits that anyone else's clear: such a file is opened
+    cached, and an open for writing that would join its passthrough
+    readers (it became setuid while they read) is refused."""
+    g = mount_guest()
+    require_passthrough(g)
+    f = g.mnt / "tool"
+    f.write_bytes(b"#!/bin/sh\n")
+    f.chmod(0o755)
+    with open(f, "rb"):
+        f.chmod(0o4755)
+        with pytest.raises(OSError) as e:
+            os.open(f, os.O_WRONLY)
+        assert e.value.errno == errno.ETXTBSY
+    # no reader now: cached, and a write by someone who is not root clears the bit
+    fd = os.open(f, os.O_RDWR)
+    try:
+        as_user(1000, lambda: os.pwrite(fd, b"true\n", 10) and None)
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"#!/bin/sh\ntrue\n"
+    assert f.stat().st_mode & 0o7777 == 0o755
