@@ -78,7 +78,10 @@ class _Opens:
     node: Node  # a node number can be reused once the kernel forgets it
     cached: int = 0
     passthrough: int = 0
-    backing: int = 0  # registered backing id, kept while the node is marked
+    # The registered backing id, kept until the kernel forgets the node (a
+    # registration is two ioctls, as much as the OPEN they would add to),
+    # or until the link breaks if it is the shared inode.
+    backing: int = 0
     shared: bool = False  # the backing is the shared inode (else the node's own)
 
 
@@ -155,8 +158,8 @@ class SharedCache:
             return
         if fh == FH_PASSTHROUGH:
             o.passthrough = max(0, o.passthrough - 1)
-            if not o.passthrough and not o.node.marked:
-                self._unregister(o)  # the link broke: the next opens are cached
+            if not o.passthrough and o.shared and not o.node.marked:
+                self._unregister(o)  # the link broke: the next opens use the copy
         elif fh == FH_CACHED:
             o.cached = max(0, o.cached - 1)
         if not (o.cached or o.passthrough or o.backing):
