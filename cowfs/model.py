@@ -55,6 +55,13 @@ def key_of(st: os.stat_result) -> Key:
     return (st.st_dev, st.st_ino)
 
 
+def killed_by_write(mode: int) -> int:
+    """The bits of mode that a write, truncate or chown by someone without
+    CAP_FSETID clears, as the kernel does: setuid, and setgid where it
+    means setgid (group-executable; without it, it marks mandatory locking)."""
+    return mode & (stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0))
+
+
 class Lru:
     """The bound on cached fds, shared by every tree one daemon serves: a
     daemon serving many guests must stay under one RLIMIT_NOFILE, and the
@@ -642,13 +649,12 @@ class CowTree:
     @staticmethod
     def _kill_suidgid(node: Node) -> None:
         """What the kernel does to a file written, truncated or given away
-        by someone without CAP_FSETID: setuid goes, and setgid where it means
-        setgid (group-executable; without it, it marks mandatory locking)."""
+        by someone without CAP_FSETID."""
         if node.kind != stat.S_IFREG:
             return
         mode = os.fstat(node.fd).st_mode
-        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
-        if mode & kill:
+        kill = killed_by_write(mode)
+        if kill:
             os.chmod(proc_fd(node.fd), stat.S_IMODE(mode) & ~kill)
 
     # -- file data ------------------------------------------------------

@@ -41,11 +41,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 from dataclasses import dataclass
 
 from . import sys
-from .model import CowTree, Node
+from .model import CowTree, Node, killed_by_write
 
 log = logging.getLogger("cowfs")
 
@@ -62,15 +61,14 @@ FH_UNTRACKED, FH_CACHED, FH_PASSTHROUGH = 0, 1, 2
 
 
 def _held() -> OSError:
-    return OSError(errno.ETXTBSY, "open for reading through the shared inode")
+    return OSError(errno.ETXTBSY, "open for reading passthrough")
 
 
 def _setid(node: Node) -> bool:
     """A write by an unprivileged process must clear its setuid or setgid
     bit.  The kernel does that for cached writes (asking us), but writes
     passthrough as the daemon, which is root: so no passthrough writes."""
-    mode = os.fstat(node.fd).st_mode
-    return bool(mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP))
+    return killed_by_write(os.fstat(node.fd).st_mode) != 0
 
 
 @dataclass
@@ -188,4 +186,4 @@ class SharedCache:
             except OSError as e:
                 if e.errno != errno.ENODEV:  # unmounted meanwhile
                     raise
-            o.backing = 0
+            o.backing, o.shared = 0, False
