@@ -47,6 +47,13 @@ def main() -> None:
     help="Read shared files of 32 KiB or more through the shared inode's page cache (FUSE passthrough).",
 )
 @click.option(
+    "--spin-us",
+    type=click.IntRange(0, 10_000),
+    default=30,
+    show_default=True,
+    help="Keep reading requests this long after one before sleeping (0: never; only a lone mount per process spins).",
+)
+@click.option(
     "--fd-budget",
     type=click.IntRange(32, 2**24),
     default=None,
@@ -64,6 +71,7 @@ def mount(
     log_file: str | None,
     debug: bool,
     shared_cache: bool,
+    spin_us: int,
     fd_budget: int | None,
 ) -> None:
     """Serve BACKING at MOUNTPOINT; returns when the mount is ready."""
@@ -86,6 +94,7 @@ def mount(
         debug=debug,
         fd_budget=fd_budget,
         shared_cache=shared_cache,
+        spin_us=spin_us,
     )
     do_mount(backing, mountpoint, opts, foreground=foreground)
 

@@ -73,6 +73,7 @@ class MountOptions:
     debug: bool = False
     fd_budget: int | None = None  # fds for cached inodes; None: from RLIMIT_NOFILE
     shared_cache: bool = True  # shared files read through the shared inode's pages (shared.py)
+    spin_us: int = 30  # keep reading this long after a request before sleeping (fuse.Session.serve)
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,9 @@ class Served:
         from .fuse import PASSTHROUGH, Session
 
         flags = INIT_FLAGS if self.opts.shared_cache else INIT_FLAGS & ~PASSTHROUGH
-        self.session = Session(self.fuse_fd, self.fs.handlers(), self.fs.slow(), flags, self.tree.fds.lru.lock)
+        self.session = Session(
+            self.fuse_fd, self.fs.handlers(), self.fs.slow(), flags, self.tree.fds.lru.lock, self.opts.spin_us
+        )
         self.session.on_init = lambda taken: self.fs.took(taken, self.fuse_fd)
         return self.session
 

@@ -311,3 +311,20 @@ def test_leftover_temporaries_are_cleaned_at_mount(mount_guest: Callable[..., Gu
     g = mount_guest("g", clone=False)
     assert not (g.backing / "etc/.#cowfs.0123456789abcdef").exists()
     assert "(1 temporaries cleaned)" in g.log.read_text()
+
+
+@pytest.mark.parametrize("spin_us", ["0", "10000"])
+def test_breaks_finish_whether_the_daemon_spins_or_sleeps(
+    mount_guest: Callable[..., Guest], template: Path, spin_us: str
+) -> None:
+    """A link break is finished by a worker thread while the serving thread
+    waits for requests, spinning (fuse.Session.serve) or asleep in epoll:
+    either way the break's answer must come, and reads between stay served."""
+    g = mount_guest("g", "--spin-us", spin_us)
+    lib = g.mnt / "usr/lib/libdemo.so"
+    for i in range(20):
+        with open(lib, "r+b") as f:  # a break on the first round, a private file after
+            f.write(b"%02d" % i)
+        assert (g.mnt / "etc/hostname").read_text() == "template\n"
+    assert lib.read_bytes()[:2] == b"19"
+    assert not shared(g, "usr/lib/libdemo.so", template)
