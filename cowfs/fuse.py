@@ -325,7 +325,7 @@ class Session:
         sleeps in epoll: requests come in bursts (an open, an fstat, the
         next file), and one caught while spinning skips the sleep and the
         wake-up, about a fifth of a round trip (an ioctl: 16.5 against
-        20 us).  Measured: a warm `tar c usr` 15% faster, a Debian boot 8%,
+        20 us).  Measured: a warm `tar c usr` 9% faster, a Debian boot 8%,
         for a fifth more daemon CPU.  Only where this is the process's one
         serving thread and there is a CPU for the caller: a thread spinning
         in Python keeps the GIL from the other mounts' threads of vctxd."""
