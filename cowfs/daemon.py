@@ -8,6 +8,7 @@ it to exit cleanly after the kernel detaches the mount.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,10 +26,10 @@ from typing import TYPE_CHECKING
 
 from . import errors
 from .idmap import IdMap
-from .sys import mount as sys_mount
-from .sys import raise_nofile_limit, umount
+from .sys import MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, attach, clone_tree, fsmount, raise_nofile_limit, umount
 
 if TYPE_CHECKING:
+    from .fs import CowFS
     from .fuse import Session
     from .model import CowTree, Lru
 
@@ -180,26 +181,34 @@ def check_mount_args(backing: str, mountpoint: str) -> tuple[str, str]:
     return backing, mountpoint
 
 
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+# The name under which the root looks itself up while being published.
+PUBLISHED = "cowfs-root"
 
 
-def _open_fuse(backing: str, mountpoint: str, opts: MountOptions) -> int:
-    """Mount a FUSE connection at mountpoint; returns its /dev/fuse fd.
+def _open_fuse(backing: str, mountpoint: str, opts: MountOptions) -> tuple[int, int]:
+    """A FUSE connection: its /dev/fuse fd, and the filesystem as a detached
+    mount that publish() attaches (or -1: fusermount3 mounted it already).
 
-    As root this is mount(2) itself; otherwise fusermount3 mounts and hands
-    the fd back over a socket (its _FUSE_COMMFD protocol).
+    As root this is the mount API itself; otherwise fusermount3 mounts and
+    hands the fd back over a socket (its _FUSE_COMMFD protocol).
     """
     data = "default_permissions"
     if os.geteuid() == 0:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        flags = (0 if opts.suid else MS_NOSUID) | (0 if opts.dev else MS_NODEV)
-        data += f",fd={fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,allow_other"
+        attrs = (0 if opts.suid else MOUNT_ATTR_NOSUID) | (0 if opts.dev else MOUNT_ATTR_NODEV)
+        strings = {
+            "fd": str(fd),
+            "rootmode": f"{stat.S_IFDIR:o}",
+            "user_id": "0",
+            "group_id": "0",
+            "source": backing,
+            "subtype": "cowfs",
+        }
         try:
-            sys_mount(backing, mountpoint, "fuse.cowfs", flags, data)
+            return fd, fsmount("fuse", strings, ["default_permissions", "allow_other"], attrs)
         except BaseException:
             os.close(fd)
             raise
-        return fd
     import socket
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -217,7 +226,51 @@ def _open_fuse(backing: str, mountpoint: str, opts: MountOptions) -> int:
     ours.close()
     if not fds:
         raise errors.DaemonFailed("fusermount3 did not pass the FUSE fd")
-    return fds[0]
+    return fds[0], -1
+
+
+def publish(session: Session, fs: CowFS, mnt: int, mountpoint: str) -> None:
+    """Attach the detached mount mnt at mountpoint, as a bind of its root's
+    alias (model.ROOT_ALIAS), then close mnt.
+
+    Why not the filesystem's own root: the kernel makes that inode before
+    INIT has said that the kernel checks ACLs, and marks it never to cache
+    them (fs/fuse/inode.c).  Every path walk through it by a process that
+    does not own it (any guest user but root) then asked us for its
+    system.posix_acl_access, twice for /lib/... (merged /usr): an open
+    cost 53 us against 19 for root.  The alias is looked up after INIT,
+    and caches them like any other inode.
+
+    The lookup needs answers (INIT, LOOKUP), so it runs in a thread while
+    the session serves here.  A kernel that refuses to clone a detached
+    mount (EINVAL) gets the filesystem itself, as before, and the alias's
+    name is dropped from its root (else / would hold itself).
+    """
+    from .model import ROOT
+
+    fs.publishing = PUBLISHED.encode()
+
+    def attach_alias() -> bool:
+        try:
+            tree = clone_tree(mnt, PUBLISHED)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            attach(mnt, mountpoint)
+            return False
+        try:
+            attach(tree, mountpoint)
+        finally:
+            os.close(tree)
+        return True
+
+    try:
+        aliased = session.serve_during(attach_alias)
+    finally:
+        fs.publishing = None
+        os.close(mnt)
+    if not aliased:
+        session.inval_entry(ROOT, PUBLISHED.encode())
 
 
 READAHEAD_KB = 1024
@@ -260,14 +313,22 @@ class Served:
         from .fs import CowFS
 
         self.backing, self.mountpoint, self.opts = backing, mountpoint, opts
-        self.session: Session | None = None
         self.tree = tree if tree is not None else scanned_tree(backing, opts, lru)
         self.fs = CowFS(self.tree)
         try:
-            self.fuse_fd = _open_fuse(backing, mountpoint, opts)
+            self.fuse_fd, mnt = _open_fuse(backing, mountpoint, opts)
         except BaseException:
             self.tree.destroy()
             raise
+        self.session = self._session()
+        if mnt >= 0:
+            try:
+                publish(self.session, self.fs, mnt, mountpoint)
+            except BaseException:
+                self.session.close()
+                self.tree.destroy()
+                os.close(self.fuse_fd)  # the detached mount is gone: the connection ends
+                raise
         entry = find_mount(mountpoint)
         if entry is not None:
             _raise_readahead(entry.dev)
@@ -284,18 +345,18 @@ class Served:
         from .fuse import PASSTHROUGH, Session
 
         flags = INIT_FLAGS if self.opts.shared_cache else INIT_FLAGS & ~PASSTHROUGH
-        self.session = Session(
+        session = Session(
             self.fuse_fd, self.fs.handlers(), self.fs.slow(), flags, self.tree.fds.lru.lock, self.opts.spin_us
         )
-        self.session.on_init = lambda taken: self.fs.took(taken, self.fuse_fd)
-        return self.session
+        session.on_init = lambda taken: self.fs.took(taken, self.fuse_fd)
+        return session
 
     def run(self) -> None:
         """Serve in this thread until unmounted (the standalone daemon: no
         trio, whose import would delay the first request by ~50 ms), then
         close().  SIGTERM/SIGINT detach the mount; the kernel then ends the
         connection once its last user is gone."""
-        session = self._session()
+        session = self.session
 
         def detach(signum: int, frame: FrameType | None) -> None:
             umount(self.mountpoint, lazy=True)
@@ -315,7 +376,7 @@ class Served:
         close() afterwards."""
         import trio
 
-        session = self._session()
+        session = self.session
         async with trio.open_nursery() as nursery:
 
             async def with_companion() -> None:
@@ -337,8 +398,7 @@ class Served:
             nursery.cancel_scope.cancel()
 
     def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
+        self.session.close()
         self.tree.destroy()
         os.close(self.fuse_fd)
         if self.state is not None:

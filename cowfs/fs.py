@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 
 from . import fuse
 from .fuse import Request
-from .model import CowTree, Node
+from .model import ROOT, ROOT_ALIAS, CowTree, Node
 from .shared import FH_UNTRACKED, SharedCache
 
 log = logging.getLogger("cowfs")
@@ -48,6 +48,10 @@ class CowFS:
         self.tree = tree
         self.shared: SharedCache | None = None  # once the kernel took passthrough
         self.truncating: dict[int, int] = {}  # node: truncates under way (slow requests)
+        # While the mount is published (daemon.py): the name whose LOOKUP in
+        # the root answers the root itself, as ROOT_ALIAS.  Once; after that
+        # it is the guest's name like any other.
+        self.publishing: bytes | None = None
 
     # -- encoding -------------------------------------------------------
 
@@ -180,6 +184,10 @@ class CowFS:
 
     def lookup(self, req: Request, body: memoryview) -> bytes:
         name, _ = fuse.cstr(body)
+        if name == self.publishing and req.nodeid == ROOT:
+            self.publishing = None
+            root = self.tree.node(ROOT)
+            return fuse.pack_entry(ROOT_ALIAS, self._attr(root, self.tree.stat(root)))
         try:
             node, st = self.tree.lookup(req.nodeid, name)
         except FileNotFoundError:

@@ -388,6 +388,59 @@ class Session:
             sched.shutdown()
             self.finished.set()
 
+    def serve_during(self, fn: Callable[[], bool]) -> bool:
+        """Run fn in a thread of its own while this one answers the requests
+        it causes: a mount's set-up that needs answers (INIT, a LOOKUP).
+        fn's result, or its exception.  serve() takes over afterwards."""
+        out: list[bool] = []
+        err: list[BaseException] = []
+        r, w = os.pipe2(os.O_CLOEXEC)
+
+        def run() -> None:
+            try:
+                out.append(fn())
+            except BaseException as e:  # re-raised in the caller's thread
+                err.append(e)
+            finally:
+                os.write(w, b"!")
+
+        os.set_blocking(self.fd, False)
+        ep = select.epoll()
+        ep.register(self.fd, select.EPOLLIN)
+        ep.register(r, select.EPOLLIN)
+        t = threading.Thread(target=run, name="cowfs set-up", daemon=True)
+        t.start()
+        try:
+            done = False
+            while not done:
+                for fd, _ in ep.poll():
+                    if fd == r:
+                        done = True
+                    else:
+                        self._drain()
+        finally:
+            t.join()
+            ep.close()
+            os.close(r)
+            os.close(w)
+        if err:
+            raise err[0]
+        return out[0]
+
+    def _drain(self) -> None:
+        """Answer what /dev/fuse has now."""
+        while True:
+            try:
+                data = os.read(self.fd, BUFSIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.ENODEV, errno.ENOENT):  # gone, or interrupted
+                    return
+                raise
+            with self.lock:
+                self._dispatch(data)
+
     def stop(self) -> None:
         """From another thread: make serve() return (after what is in
         flight) though the mount is still there.  Closing the /dev/fuse fd

@@ -47,6 +47,10 @@ ROOT = 1
 # Inode numbers we hand out when the backing number is taken: above any
 # ext4 number, so they never meet a real one in practice (and we check).
 _SYNTHETIC_BASE = 1 << 48
+# The root again, under a second number: the one the kernel is given for it
+# when the mount is published as a bind of the root (daemon.py), so that the
+# guest's / is an inode made after INIT, whose ACLs the kernel caches.
+ROOT_ALIAS = _SYNTHETIC_BASE - 1
 
 Key = tuple[int, int]  # (st_dev, st_ino) of a backing inode
 
@@ -224,7 +228,7 @@ class CowTree:
         self.fds = FdCache(self.mount_fd, lru or Lru(max(16, fd_budget // 2)))
         self.dev = st.st_dev
         root = Node(ROOT, root_fd, key_of(st), stat.S_IFDIR, lookups=1, cache=self.fds, pinned=True)
-        self.nodes: dict[int, Node] = {ROOT: root}
+        self.nodes: dict[int, Node] = {ROOT: root, ROOT_ALIAS: root}
         self.by_key: dict[Key, Node] = {root.key: root}
         # Backing keys of regular files with other than one name inside this
         # tree: a marked file's link count as the guest sees it (1 if absent).
@@ -260,7 +264,9 @@ class CowTree:
 
     def destroy(self) -> None:
         """Forget everything (unmount): close every fd we hold."""
-        for node in self.nodes.values():
+        for ino, node in self.nodes.items():
+            if ino == ROOT_ALIAS:
+                continue  # the root, closed once
             self.fds.discard(node)  # the LRU may be shared with other trees
             node.close_fds()
         self.nodes.clear()
@@ -336,7 +342,7 @@ class CowTree:
 
     def forget(self, ino: int, n: int) -> None:
         node = self.nodes.get(ino)
-        if node is None or ino == ROOT:
+        if node is None or node.ino == ROOT:  # (also under ROOT_ALIAS)
             return
         node.lookups -= n
         self._maybe_drop(node)

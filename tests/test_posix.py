@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Guest, as_user, cowfs
+from conftest import Guest, as_user, cowfs, require
 
 from cowfs.sys import fallocate
 
@@ -145,6 +145,61 @@ def test_xattrs_and_acls(guest: Guest) -> None:
     assert "user:1234:rw-" in out
     res = subprocess.run(["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups", "sh", "-c", f"echo hi >> {g}"])
     assert res.returncode == 0
+
+
+TRACING = Path("/sys/kernel/tracing")
+
+
+def _count_getxattrs(mnt: Path, action: Callable[[], None]) -> int:
+    """GETXATTR requests the kernel sends to mnt's daemon while action runs
+    (the fuse_request_send trace event, for that connection only)."""
+    if not (TRACING / "events").is_dir():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACING)], check=False)
+    event = TRACING / "events/fuse/fuse_request_send"
+    require((event / "enable").exists(), "needs tracefs and the fuse trace events")
+    conn = os.minor(mnt.stat().st_dev)  # the connection is the mount's anonymous device
+    (TRACING / "tracing_on").write_text("0")
+    (TRACING / "trace").write_text("")
+    (event / "filter").write_text(f"opcode == 22 && connection == {conn}")
+    (event / "enable").write_text("1")
+    (TRACING / "tracing_on").write_text("1")
+    try:
+        action()
+    finally:
+        (TRACING / "tracing_on").write_text("0")
+        (event / "enable").write_text("0")
+        (event / "filter").write_text("0")
+    return sum("fuse_request_send" in line for line in (TRACING / "trace").read_text().splitlines())
+
+
+def test_the_roots_acl_is_cached_and_enforced(guest: Guest) -> None:
+    """The root's ACL is asked for once, not at every path walk through it by
+    a user who does not own it (the kernel makes the filesystem's own root
+    before INIT and never caches its ACL: the daemon publishes an alias of
+    it, daemon.publish), and a change to it takes effect at once."""
+    root, etc = guest.mnt, guest.mnt / "etc"
+    assert root.stat().st_uid != 1234
+
+    def walk() -> None:
+        for _ in range(50):
+            os.stat(etc)
+            os.stat(guest.mnt / "usr/share/doc/README")
+
+    as_user(1234, walk)  # the first walk may fetch it
+    assert _count_getxattrs(root, lambda: as_user(1234, walk)) == 0
+
+    def refused() -> None:
+        with pytest.raises(PermissionError):
+            os.stat(etc)
+
+    subprocess.run(["setfacl", "-m", "u:1234:---", str(root)], check=True)
+    as_user(1234, refused)
+    as_user(1235, walk)
+    subprocess.run(["setfacl", "-x", "u:1234", str(root)], check=True)
+    as_user(1234, walk)
+    assert (
+        "user:1234" not in subprocess.run(["getfacl", "-p", str(guest.backing)], capture_output=True, text=True).stdout
+    )
 
 
 def test_statfs_fsync_fallocate_and_long_names(guest: Guest) -> None:

@@ -12,7 +12,7 @@ import ctypes
 import os
 import signal
 
-from cowfs.sys import _check, _libc
+from cowfs.sys import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MOUNT_ATTR_NODEV, _check, _libc, attach, clone_tree
 from cowfs.sys import mount as _mount
 from cowfs.sys import umount as _umount
 
@@ -97,13 +97,6 @@ def make_readonly_recursive(path: str) -> None:
     _mount_setattr(-100, path, AT_RECURSIVE, _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0), path)
 
 
-SYS_open_tree = 428
-SYS_move_mount = 429
-OPEN_TREE_CLONE = 1
-AT_EMPTY_PATH = 0x1000
-AT_SYMLINK_NOFOLLOW = 0x100
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_IDMAP = 0x00100000
 
 
@@ -111,24 +104,10 @@ def idmapped_bind(src: str, dst: str, userns_fd: int) -> None:
     """Bind src on dst with the ids of userns_fd's namespace (nodev): a file
     the disk says is owned by 0 is its root's.  Made detached (open_tree),
     idmapped, then attached: never visible half-made."""
-    fd = _syscall(
-        SYS_open_tree,
-        ctypes.c_int(-100),
-        src.encode(),
-        ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_SYMLINK_NOFOLLOW),
-    )
-    _check(-1 if fd < 0 else 0, "open_tree", src)
+    fd = clone_tree(AT_FDCWD, src, AT_SYMLINK_NOFOLLOW)
     try:
         _mount_setattr(fd, "", AT_EMPTY_PATH, _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV, 0, 0, userns_fd), src)
-        ret = _syscall(
-            SYS_move_mount,
-            ctypes.c_int(fd),
-            b"",
-            ctypes.c_int(-100),
-            dst.encode(),
-            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
-        )
-        _check(ret, "move_mount", dst)
+        attach(fd, dst)
     finally:
         os.close(fd)
 
