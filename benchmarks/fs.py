@@ -154,6 +154,13 @@ def workloads(big_mib: int) -> list[tuple[str, bool, Callable[[Contender], Calla
     def exec_loop(c: Contender) -> Callable[[], None]:
         return lambda: sh(f"chroot {c.root} /bin/bash -c 'for i in $(seq 200); do /bin/bash -c true; done'")
 
+    def exec_loop_as_user(c: Contender) -> Callable[[], None]:
+        # A user who does not own / (a guest's www-data): every path walk
+        # checks /'s ACL, which the kernel must be able to cache.
+        return lambda: sh(
+            f"chroot --userspec=65534:65534 {c.root} /bin/bash -c 'for i in $(seq 200); do /bin/bash -c true; done'"
+        )
+
     def break_100m(c: Contender) -> Callable[[], None]:
         return lambda: sh("echo x >> hundred.img", cwd=c.root)  # a change: overlayfs copies up at the open
 
@@ -166,6 +173,7 @@ def workloads(big_mib: int) -> list[tuple[str, bool, Callable[[Contender], Calla
         (f"read {big_mib} MiB (warm)", False, big_read, False),
         ("extract usr.tar", False, extract, False),
         ("chroot + 200 x bash -c true", False, exec_loop, False),
+        ("as uid 65534: 200 x bash -c true", False, exec_loop_as_user, False),
         ("break 100 MiB link / copy-up", False, break_100m, True),
     ]
 
