@@ -1,6 +1,6 @@
 """Guests against their peers, in one run, contenders alternating.
 
-1. Boot a Debian bookworm (systemd) guest until systemd says `running` (or
+1. Boot a Debian bookworm (or --suite trixie) guest until systemd says `running` (or
    `degraded`): vctx boot --wait against systemd-nspawn --boot and LXC
    (lxc-start) on plain copies of the same tree.  vctx's first boot, which
    starts the host daemon, is shown apart; vctx on a plain root (a private
@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--idle", type=int, default=50, help="busybox guests for the memory figure")
     ap.add_argument("--only", choices=("boot", "exec", "memory"), action="append", help="run this part (repeatable)")
+    ap.add_argument("--suite", choices=("bookworm", "trixie"), default="bookworm", help="the Debian guest's release")
     args = ap.parse_args()
     parts = set(args.only or ("boot", "exec", "memory"))
     if os.geteuid() != 0:
@@ -196,7 +197,8 @@ def main() -> None:
     lxc: Lxc | None = None
     oci: list[tuple[str, str]] = []
     try:
-        run(VCTX, "template", "build", "deb", "--from", "debian", "--cache-dir", str(DEBS))
+        debs = DEBS if args.suite == "bookworm" else DEBS.parent / f"{DEBS.name}-{args.suite}"
+        run(VCTX, "template", "build", "deb", "--from", "debian", "--suite", args.suite, "--cache-dir", str(debs))
         run(VCTX, "template", "build", "bb", "--from", "busybox")
         run(VCTX, "create", "deb1", "-t", "deb")
         run(VCTX, "create", "debplain", "-t", "deb", "--root", "plain")
@@ -209,7 +211,7 @@ def main() -> None:
             run("cp", "-a", str(home / "templates/deb/rootfs"), str(home / "lxc-root"))
             lxc = Lxc(home / "lxc", home / "lxc-root")
         if "boot" in parts:
-            boot(args.reps, home, have_nspawn, lxc)
+            boot(args.reps, home, have_nspawn, lxc, args.suite)
         if "exec" in parts:
             exec_true(args.reps, home, lxc, oci)
         if "memory" in parts:
@@ -224,8 +226,8 @@ def main() -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None) -> None:
-    print(f"## boot Debian bookworm (systemd) to running ({reps} rounds, alternating)")
+def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None, suite: str) -> None:
+    print(f"## boot Debian {suite} (systemd) to running ({reps} rounds, alternating)")
     cold = None
     if stop_idle_daemon():
         cold = timed(VCTX, "boot", "--wait", "deb1")
