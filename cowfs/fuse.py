@@ -402,7 +402,11 @@ class Session:
             except BaseException as e:  # re-raised in the caller's thread
                 err.append(e)
             finally:
-                os.write(w, b"!")
+                try:
+                    os.write(w, b"!")
+                except OSError:
+                    pass  # the caller gave up (and closed r)
+                os.close(w)
 
         os.set_blocking(self.fd, False)
         ep = select.epoll()
@@ -419,10 +423,11 @@ class Session:
                     else:
                         self._drain()
         finally:
-            t.join()
+            # Not joined if we failed: fn may wait on a request we will not
+            # answer, until the caller's clean-up ends the connection.
             ep.close()
             os.close(r)
-            os.close(w)
+        t.join()
         if err:
             raise err[0]
         return out[0]
