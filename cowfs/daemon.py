@@ -192,7 +192,6 @@ def _open_fuse(backing: str, mountpoint: str, opts: MountOptions) -> tuple[int, 
     As root this is the mount API itself; otherwise fusermount3 mounts and
     hands the fd back over a socket (its _FUSE_COMMFD protocol).
     """
-    data = "default_permissions"
     if os.geteuid() == 0:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         attrs = (0 if opts.suid else MOUNT_ATTR_NOSUID) | (0 if opts.dev else MOUNT_ATTR_NODEV)
@@ -213,7 +212,7 @@ def _open_fuse(backing: str, mountpoint: str, opts: MountOptions) -> tuple[int, 
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fsname = backing.replace("\\", "\\\\").replace(",", "\\,")
-    o = f"{data},fsname={fsname},subtype=cowfs,{'suid' if opts.suid else 'nosuid'},{'dev' if opts.dev else 'nodev'}"
+    o = f"default_permissions,fsname={fsname},subtype=cowfs,{'suid' if opts.suid else 'nosuid'},{'dev' if opts.dev else 'nodev'}"
     env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
     res = subprocess.run(
         ["fusermount3", "-o", o, "--", mountpoint], env=env, pass_fds=(theirs.fileno(),), capture_output=True, text=True

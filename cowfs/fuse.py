@@ -433,15 +433,17 @@ class Session:
         return out[0]
 
     def _drain(self) -> None:
-        """Answer what /dev/fuse has now."""
+        """Answer what /dev/fuse has now (its errors read as serve() reads them)."""
         while True:
             try:
                 data = os.read(self.fd, BUFSIZE)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 return
             except OSError as e:
-                if e.errno in (errno.ENODEV, errno.ENOENT):  # gone, or interrupted
+                if e.errno == errno.ENODEV:  # unmounted
                     return
+                if e.errno in (errno.EINTR, errno.ENOENT):
+                    continue
                 raise
             with self.lock:
                 self._dispatch(data)
