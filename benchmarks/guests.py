@@ -5,8 +5,11 @@
    (lxc-start) on plain copies of the same tree.  vctx's first boot, which
    starts the host daemon, is shown apart; vctx on a plain root (a private
    copy, idmapped bind mount: no cowfs) shows what cowfs costs, and cowfs
-   with page_cache = "private" what its shared page cache costs.  Also the
-   page cache each cowfs guest's memory cgroup is charged once it runs.
+   with page_cache = "private" what its shared page cache costs.  LXC also
+   boots on copy-on-write roots of the template: kernel overlayfs, and
+   fuse-overlayfs (a FUSE root like cowfs, served by a C daemon), to show
+   what a FUSE root costs a peer.  Also the page cache each cowfs guest's
+   memory cgroup is charged once it runs.
 2. Run `true` in a running guest: vctx exec against nsenter -a (the floor:
    it joins no cgroup), lxc-attach to the Debian container, and crun exec
    and runc exec of a busybox bundle.
@@ -31,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cowfs.sys import umount as sys_umount
 
 VCTX = str(Path(sys.executable).parent / "vctx")
 DEBS = Path("/var/cache/vctx/debs")
@@ -111,13 +116,16 @@ def nspawn_boot(tree: Path) -> float:
 
 
 class Lxc:
-    def __init__(self, base: Path, tree: Path) -> None:
-        self.base, self.name = base, "deb"
+    """An LXC container of the Debian tree; rootfs is LXC's spec of its
+    root (dir:PATH, or overlay:LOWER:UPPER, which LXC mounts itself)."""
+
+    def __init__(self, base: Path, name: str, rootfs: str) -> None:
+        self.base, self.name = base, name
         (base / self.name).mkdir(parents=True)
         (base / self.name / "config").write_text(
             "lxc.include = /usr/share/lxc/config/common.conf\n"
             f"lxc.uts.name = {self.name}\n"
-            f"lxc.rootfs.path = dir:{tree}\n"
+            f"lxc.rootfs.path = {rootfs}\n"
             "lxc.net.0.type = empty\n"
             "lxc.apparmor.profile = unconfined\n"
             "lxc.console.path = none\n"
@@ -136,6 +144,35 @@ class Lxc:
 
     def stop(self) -> None:
         run("lxc-stop", "-n", self.name, "-P", str(self.base), "-k", check=False)
+
+
+class LxcOnFuse(Lxc):
+    """LXC on a FUSE copy-on-write root like a vctx guest's, served by a C
+    daemon: fuse-overlayfs with the template as its lower layer, mounted
+    afresh for each boot (as vctx mounts cowfs) and inside the timing; the
+    upper layer, the guest's changes, is kept between boots."""
+
+    def __init__(self, base: Path, name: str, template: Path) -> None:
+        self.dirs = {k: base / f"{name}-{k}" for k in ("upper", "work", "root")}
+        for d in self.dirs.values():
+            d.mkdir(parents=True)
+        self.lower = template
+        super().__init__(base, name, f"dir:{self.dirs['root']}")
+
+    def start(self) -> None:
+        d = self.dirs
+        run(
+            "fuse-overlayfs",
+            "-o",
+            f"lowerdir={self.lower},upperdir={d['upper']},workdir={d['work']},allow_other",
+            str(d["root"]),
+        )
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        if os.path.ismount(self.dirs["root"]):
+            sys_umount(str(self.dirs["root"]))
 
 
 def oci_bundle(base: Path, rootfs: Path) -> Path:
@@ -195,6 +232,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="vctx-guests-", dir="/var/tmp"))
     os.environ["VCTX_HOME"] = str(home)
     lxc: Lxc | None = None
+    cow_lxcs: dict[str, Lxc] = {}  # LXC on copy-on-write roots of the template
     oci: list[tuple[str, str]] = []
     try:
         debs = DEBS if args.suite == "bookworm" else DEBS.parent / f"{DEBS.name}-{args.suite}"
@@ -209,9 +247,16 @@ def main() -> None:
             run("cp", "-a", str(home / "templates/deb/rootfs"), str(home / "nspawn-root"))
         if shutil.which("lxc-start"):
             run("cp", "-a", str(home / "templates/deb/rootfs"), str(home / "lxc-root"))
-            lxc = Lxc(home / "lxc", home / "lxc-root")
+            lxc = Lxc(home / "lxc", "deb", f"dir:{home / 'lxc-root'}")
+            if "boot" in parts:
+                tmpl = home / "templates/deb/rootfs"
+                cow_lxcs["lxc-start, overlayfs root"] = Lxc(
+                    home / "lxc", "debovl", f"overlay:{tmpl}:{home / 'ovl-upper'}"
+                )
+                if shutil.which("fuse-overlayfs"):
+                    cow_lxcs["lxc-start, fuse-overlayfs root"] = LxcOnFuse(home / "lxc", "debfuse", tmpl)
         if "boot" in parts:
-            boot(args.reps, home, have_nspawn, lxc, args.suite)
+            boot(args.reps, home, have_nspawn, lxc, cow_lxcs, args.suite)
         if "exec" in parts:
             exec_true(args.reps, home, lxc, oci)
         if "memory" in parts:
@@ -219,14 +264,15 @@ def main() -> None:
     finally:
         for rt, cid in oci:
             subprocess.run([rt, "delete", "-f", cid], capture_output=True)
-        if lxc is not None:
-            lxc.stop()
+        for c in [lxc, *cow_lxcs.values()]:
+            if c is not None:
+                c.stop()
         for g in (home / "guests").glob("*"):
             subprocess.run([VCTX, "stop", g.name], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
 
 
-def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None, suite: str) -> None:
+def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None, cow_lxcs: dict[str, Lxc], suite: str) -> None:
     print(f"## boot Debian {suite} (systemd) to running ({reps} rounds, alternating)")
     cold = None
     if stop_idle_daemon():
@@ -244,6 +290,8 @@ def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None, suite: str) 
         boots["systemd-nspawn --boot"] = []
     if lxc is not None:
         boots["lxc-start"] = []
+    for label in cow_lxcs:
+        boots[label] = []
     for _ in range(reps):
         for label, guest in guests:
             boots[label].append(timed(VCTX, "boot", "--wait", guest))
@@ -255,11 +303,14 @@ def boot(reps: int, home: Path, have_nspawn: bool, lxc: Lxc | None, suite: str) 
         if lxc is not None:
             boots["lxc-start"].append(lxc.boot())
             lxc.stop()
+        for label, c in cow_lxcs.items():
+            boots[label].append(c.boot())
+            c.stop()
     if cold is not None:
         print(f"  {'vctx, first boot (starts vctxd)':<40} {cold * 1000:8.1f} ms")
     report(boots, "vctx boot --wait", "vctx")  # (its ratio to the private page cache too)
     plain = statistics.median(boots["vctx boot --wait, plain root"])
-    for k in ("systemd-nspawn --boot", "lxc-start"):
+    for k in ("systemd-nspawn --boot", "lxc-start", *cow_lxcs):
         if k in boots:
             print(f"  vctx plain root / {k} = {plain / statistics.median(boots[k]):.2f}")
     shared_mib, private_mib = statistics.median(cache["deb1"]), statistics.median(cache["debpriv"])
