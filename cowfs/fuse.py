@@ -119,11 +119,24 @@ NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
 # (medians of 12, alternating).  Process-wide: set by the serving loop, as
 # any process that serves a mount wants it.
 SWITCH_INTERVAL_S = 0.0002
+
 _IOCTL_OP = struct.pack("<I", IOCTL)
 _RELEASE_OP = struct.pack("<I", RELEASE)
 _NO_FH = bytes(8)
 _OK_HEAD = struct.pack("<Ii", OUT_HEADER.size, 0)  # then the request's unique
 _ENOTTY_HEAD = struct.pack("<Ii", OUT_HEADER.size, -errno.ENOTTY)  # then the request's unique
+
+
+def _gone(e: OSError) -> bool:
+    """A failed read of /dev/fuse, as every serving loop reads it: True once
+    the mount is gone (ENODEV), False for a read to try again (EINTR; ENOENT:
+    an interrupted request dropped as it was read, as libfuse reads it);
+    anything else is raised."""
+    if e.errno == errno.ENODEV:
+        return True
+    if e.errno in (errno.EINTR, errno.ENOENT):
+        return False
+    raise e
 
 
 @dataclass(frozen=True)
@@ -367,11 +380,9 @@ class Session:
                             sched.collect()
                     continue
                 except OSError as e:
-                    if e.errno == errno.ENODEV:  # unmounted
+                    if _gone(e):
                         break
-                    if e.errno in (errno.EINTR, errno.ENOENT):
-                        continue
-                    raise
+                    continue
                 if spin_ns:
                     spin_until = time.perf_counter_ns() + spin_ns
                 if data[4:8] == _IOCTL_OP:
@@ -447,18 +458,16 @@ class Session:
         return out[0]
 
     def _drain(self) -> None:
-        """Answer what /dev/fuse has now (its errors read as serve() reads them)."""
+        """Answer what /dev/fuse has now."""
         while True:
             try:
                 data = os.read(self.fd, BUFSIZE)
             except BlockingIOError:
                 return
             except OSError as e:
-                if e.errno == errno.ENODEV:  # unmounted
+                if _gone(e):
                     return
-                if e.errno in (errno.EINTR, errno.ENOENT):
-                    continue
-                raise
+                continue
             with self.lock:
                 self._dispatch(data)
 
