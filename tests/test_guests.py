@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEBS, fails, require, vctx
+from hypothesis import given, strategies
 
 from cowfs.daemon import wait_pid_exit
 from vctx import seccomp
@@ -111,6 +112,15 @@ def test_boot_fast_path_takes_options_where_click_does(tmp_path: Path, monkeypat
         ["exec", "g1"],
     ):
         assert _parse_boot(refused) is None, refused
+
+
+@given(strategies.text())
+def test_boot_fast_path_spells_json_strings(text: str) -> None:
+    """The request is JSON spelt without json (whose import costs a boot
+    9 ms): any name or home, undecodable bytes (surrogates) included."""
+    from vctx.fast import _json_str
+
+    assert json.loads(_json_str(text)) == text
 
 
 def test_boot_exec_stop(bb_home: Path, guest: str) -> None:
@@ -215,6 +225,20 @@ def test_the_installed_launcher_runs_without_site(bb_home: Path, guest: str) -> 
     assert not imported & {"site", "os", "click", "vctx.cli", "vctx.enter"}, imported
     status = json.loads(run("status", guest, "--json").stdout)  # click, rich: from site-packages
     assert status["status"] == "running"
+    # `vctx boot` asks the running vctxd and takes its reply in marshal: no json (re, enum) either
+    vctx(bb_home, "stop", guest)
+    res = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", str(launcher), "boot", guest],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=bb_home.parent,
+    )
+    imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+    assert res.returncode == 0 and res.stdout.startswith(f"booted {guest}: init pid "), res.stderr
+    assert not imported & {"site", "json", "re", "click", "vctx.control"}, imported
+    res = run("boot", guest)  # an error reply, in marshal: one line and its code
+    assert (res.returncode, res.stderr) == (26, f"vctx: guest {guest!r} is already running\n")
     res = run("exec", "no-such-guest", "--", "true")
     assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     cowfs = Path(sys.executable).parent / "cowfs"
