@@ -265,12 +265,11 @@ class Monitor:
         )
         # The tree's scan (Python, ~20 ms for a Debian tree) runs while this
         # thread waits in the kernel: the first move into a cgroup waits out
-        # an RCU grace period (~13 ms here), the BPF programs load.
+        # an RCU grace period (5-30 ms here), the BPF programs load.
+        pool = ThreadPoolExecutor(2, thread_name_prefix="boot")
         scan: Future[CowTree] | None = None
         if cfg.root == "cowfs":
-            pool = ThreadPoolExecutor(1, thread_name_prefix="scan")
             scan = pool.submit(scanned_tree, str(self.g.rootfs), opts, self.lru)
-            pool.shutdown(wait=False)  # its one thread ends with the scan
         try:
             self.launcher = self.launch_via(self.spec, self.net, [to_c_r, from_c_w, err_w])
             self.launcher_fd = os.pidfd_open(self.launcher)
@@ -279,6 +278,7 @@ class Monitor:
                 os.close(fd)
             if scan is not None:
                 _drop(scan)
+            pool.shutdown(wait=False)
             raise
         finally:
             for fd in (to_c_r, from_c_w, err_w, slave):
@@ -286,14 +286,21 @@ class Monitor:
         try:
             netctx.check_unique(self.net, guests.configs(self.home))
             self.cg.create(cfg.limits, owner=cfg.id_base)
-            self.cg.add(self.launcher)
-            if self.net.mode == "isolated":
-                netctx.up_isolated(self.net, self.cg.v2)
+            # That wait is a sleep: the network's maps and programs are made
+            # meanwhile (~9 ms), which need the cgroup but not its members.
+            joined = pool.submit(self.cg.add, self.launcher)
+            pool.shutdown(wait=False)  # its threads end with the scan and the move
+            try:
+                if self.net.mode == "isolated":
+                    netctx.up_isolated(self.net, self.cg.v2)
+            finally:
+                joined.result()
             if scan is not None:
                 tree, scan = scan.result(), None
                 self.served = Served(str(self.g.rootfs), str(self.mnt), opts, lru=self.lru, tree=tree)
             self.t_prepared = time.monotonic()
         except BaseException:
+            pool.shutdown(wait=False)
             if scan is not None:
                 _drop(scan)
             signal.pidfd_send_signal(self.launcher_fd, signal.SIGKILL)
