@@ -362,7 +362,7 @@ class Monitor:
             "net": self.net.mode,
             "allow_syscalls": list(self.spec.allow_syscalls),
         }
-        write_atomic(state_path(self.name), json.dumps(state).encode())
+        write_atomic(state_path(self.name), json.dumps(state).encode(), durable=False)
 
     def _mount_plain(self) -> None:
         """A plain root: the guest's tree bind-mounted with the ids of the

@@ -250,7 +250,7 @@ class Record:
     def save(self, name: str) -> None:
         p = self.path(name)
         p.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(p, json.dumps(self.__dict__).encode())
+        write_atomic(p, json.dumps(self.__dict__).encode(), durable=False)
 
 
 def _locked() -> contextlib.AbstractContextManager[None]:

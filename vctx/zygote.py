@@ -229,7 +229,7 @@ def _standby_file(name: str, pid: int, present: bool) -> None:
     path = standby_path(name)
     try:
         if present:
-            write_atomic(path, f"{pid}\n".encode(), 0o600)
+            write_atomic(path, f"{pid}\n".encode(), 0o600, durable=False)
         elif path.read_text().strip() == str(pid):
             path.unlink()
     except OSError:
