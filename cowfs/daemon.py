@@ -345,7 +345,13 @@ class Served:
 
         flags = INIT_FLAGS if self.opts.shared_cache else INIT_FLAGS & ~PASSTHROUGH
         session = Session(
-            self.fuse_fd, self.fs.handlers(), self.fs.slow(), flags, self.tree.fds.lru.lock, self.opts.spin_us
+            self.fuse_fd,
+            self.fs.handlers(),
+            self.fs.slow(),
+            flags,
+            self.tree.fds.lru.lock,
+            self.opts.spin_us,
+            self.tree.file_held,
         )
         session.on_init = lambda taken: self.fs.took(taken, self.fuse_fd)
         return session

@@ -238,6 +238,7 @@ class CowTree:
         self.renumbered: dict[Key, int] = {}
         self.reserved: set[int] = set()
         self._next_synthetic = _SYNTHETIC_BASE
+        self.last_file: Node | None = None  # file_held()
 
     # -- start-up ------------------------------------------------------
 
@@ -338,7 +339,18 @@ class CowTree:
     def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, os.stat_result]:
         node, st = self._child(self.node(parent_ino), name)
         node.lookups += 1
+        if node.kind == stat.S_IFREG:
+            self.last_file = node
         return node, st
+
+    def file_held(self) -> int:
+        """The number of a regular file whose inode the kernel holds (the
+        last one looked up, until it is forgotten), or 0: the kernel
+        answers a retrieve of its pages with a request (fuse.Session.stop)."""
+        node = self.last_file
+        if node is not None and node.lookups > 0 and self.nodes.get(node.ino) is node:
+            return node.ino
+        return 0
 
     def forget(self, ino: int, n: int) -> None:
         node = self.nodes.get(ino)

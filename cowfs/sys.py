@@ -27,7 +27,8 @@ AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
 FICLONE = 0x40049409
-# <linux/fuse.h>: _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t)
+# <linux/fuse.h>: _IOR(229, 0, uint32_t), _IOW(229, 1, struct fuse_backing_map), _IOW(229, 2, uint32_t)
+FUSE_DEV_IOC_CLONE = 0x8004E500
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
 MNT_DETACH = 2
@@ -184,6 +185,19 @@ def ficlone(dst_fd: int, src_fd: int) -> bool:
             return False
         raise
     return True
+
+
+def fuse_clone(fuse_fd: int) -> int:
+    """A second fd on fuse_fd's connection, with its own open file (so its
+    own O_NONBLOCK): it reads from the same queue of requests, and a reply
+    must go to the fd its request was read from."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, FUSE_DEV_IOC_CLONE, struct.pack("<I", fuse_fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def backing_open(fuse_fd: int, fd: int) -> int:
