@@ -244,14 +244,16 @@ class Session:
 
     # -- replies --------------------------------------------------------
 
-    def _write(self, *parts: bytes) -> None:
-        """To the fd the request being answered was read from: the kernel
-        finds a request among those read from the same fd only."""
+    def _write(self, *parts: bytes, fd: int = -1) -> None:
+        """To the fd the request being answered was read from (the kernel
+        finds a request among those read from the same fd only), or fd."""
+        if fd < 0:
+            fd = self.out
         try:
             if len(parts) == 1:
-                os.write(self.out, parts[0])
+                os.write(fd, parts[0])
             else:
-                os.writev(self.out, parts)
+                os.writev(fd, parts)
         except OSError as e:
             # ENOENT: the request was interrupted and the kernel dropped it.
             if e.errno not in (errno.ENOENT, errno.ENODEV):
@@ -269,11 +271,7 @@ class Session:
 
     def notify(self, code: int, payload: bytes) -> None:
         """Unsolicited message (unique 0, error = notify code)."""
-        try:
-            os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0) + payload)
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                raise
+        self._write(OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0) + payload, fd=self.fd)
 
     def inval_entry(self, parent: int, name: bytes) -> None:
         self.notify(3, NOTIFY_INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0")
