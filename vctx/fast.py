@@ -17,6 +17,7 @@ the launcher tools/setup installs starts Python without `site` (-S: 1.6 ms
 of .pth files).  Whatever needs site-packages calls cowfs.fast.full() first.
 """
 
+import _socket
 import posix
 import sys
 
@@ -36,6 +37,18 @@ def _stat_mode(path: str) -> int:
         return posix.stat(path).st_mode
     except OSError:
         return 0
+
+
+def _connect(name: str, kind: int) -> _socket.socket | None:
+    """A unix socket of kind connected to RUN/name, or None where nothing
+    listens there."""
+    s = _socket.socket(_socket.AF_UNIX, kind | _socket.SOCK_CLOEXEC)
+    try:
+        s.connect(f"{RUN}/{name}")
+    except OSError:
+        s.close()
+        return None
+    return s
 
 
 # the signals relayed to the command (zygote.FORWARDED): INT TERM HUP QUIT USR1 USR2 WINCH CONT
@@ -96,14 +109,10 @@ def run_via_forker(
     forker to ask.  Errors come back as (exit code, message): raised as
     SystemExit after the message is written to stderr."""
     import _signal  # type: ignore[import-not-found]  # signal.py would import enum: 4 ms
-    import _socket
     import marshal
 
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
-    try:
-        s.connect(RUN + "/exec.sock")
-    except OSError:
-        s.close()
+    s = _connect("exec.sock", _socket.SOCK_SEQPACKET)
+    if s is None:
         return None
     req = {"home": home, "name": name, "argv": argv, "user": user, "env": env, "workdir": workdir}
     fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in stdio)
@@ -226,14 +235,10 @@ def _ask_running(msg: str, timeout: float) -> dict[str, object] | None:
     """The reply of a vctxd that is there to ask, in marshal (control.py's
     JSON reply would cost the import of json); None if none answers, for
     control.request to start one and ask again."""
-    import _socket
     import marshal
 
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    try:
-        s.connect(RUN + "/vctxd.sock")
-    except OSError:
-        s.close()
+    s = _connect("vctxd.sock", _socket.SOCK_STREAM)
+    if s is None:
         return None
     data = b""
     try:
